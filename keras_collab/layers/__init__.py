@@ -1,0 +1,7 @@
+"""Keras layers of keras-collab."""
+
+from keras_collab.layers.collaborative_multi_head_attention import (
+    CollaborativeMultiHeadAttention,
+)
+
+__all__ = ["CollaborativeMultiHeadAttention"]

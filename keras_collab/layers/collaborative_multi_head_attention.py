@@ -1,0 +1,783 @@
+"""Collaborative multi-head attention (Cordonnier, Loukas & Jaggi, 2020)."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+from keras.src.backend import get_keras_mask
+from keras.src.backend import set_keras_mask
+from keras.src.layers.attention.multi_head_attention import (
+    _build_proj_equation,
+)
+from keras.src.layers.attention.multi_head_attention import _get_output_shape
+
+from keras_collab.initializers import get_mixing_initializer
+
+# Masked logits get this value. Large and finite, as in Keras MHA, so that a
+# fully masked row softmaxes to a uniform (finite) distribution.
+_MASK_VALUE_FLOAT32 = -1e9
+
+
+@keras.saving.register_keras_serializable(package="keras_collab")
+class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """Multi-head attention whose heads share their query and key projections.
+
+    Standard multi-head attention gives each of the `H` heads its own query and
+    key projection of size `key_dim`. Collaborative attention
+    ([Cordonnier et al., 2020](https://arxiv.org/abs/2006.16362)) learns ONE
+    query projection and ONE key projection of size `shared_key_dim` (D̃) for
+    all heads; head `h` only owns a mixing vector `m_h` of size D̃:
+
+    ```
+    Q̃ = X W̃_Q + b̃_Q                   (B, T, D̃)
+    K̃ = Y W̃_K                         (B, S, D̃)   no bias: softmax cancels it
+    logits_h = ((Q̃ ⊙ m_h) K̃ᵀ + 1 (Y c_h)ᵀ) / sqrt(key_dim)
+    ```
+
+    Values, masks, softmax, dropout and the output projection are exactly those
+    of `keras.layers.MultiHeadAttention`, so the layer is a drop-in
+    replacement. The content bias `c_h` (shape `(D_key_in,)` per head) is the
+    part of a query bias that survives the softmax, `W_K^h b_Q^h`: it lets a
+    converted pretrained layer keep the exact effect of its query bias.
+
+    With `shared_key_dim == num_heads * key_dim` and the default
+    `"concatenate"` mixing, the layer computes exactly standard multi-head
+    attention. A smaller `shared_key_dim` divides the key/query parameters and
+    projection FLOPs by `num_heads * key_dim / shared_key_dim`. The scale stays
+    `1 / sqrt(key_dim)` whatever D̃ is, so that the softmax temperature of a
+    converted model does not change.
+
+    Args:
+        num_heads: Number of attention heads.
+        key_dim: Size of each attention head for query and key in the
+            multi-head attention this layer mirrors. Sets the logit scale
+            `1 / sqrt(key_dim)` and the default `shared_key_dim`.
+        value_dim: Size of each attention head for value.
+        dropout: Dropout probability on the attention probabilities.
+        use_bias: Boolean, whether the projections use bias vectors. The key
+            projection never has one (softmax cancels it); the content bias
+            takes its place.
+        output_shape: The expected shape of an output tensor, besides the batch
+            and sequence dims. If not specified, projects back to the query
+            feature dim.
+        attention_axes: Axes over which the attention is applied. `None` means
+            attention over all axes, but batch, heads, and features.
+        sliding_window: Optional positive integer restricting each query to the
+            keys within `sliding_window - 1` positions of it.
+        flash_attention: As in `keras.layers.MultiHeadAttention`: `None` uses a
+            fused kernel when the backend offers one for these shapes, `True`
+            requires it, `False` disables it.
+        shared_key_dim: Size D̃ of the shared query/key projection. Defaults to
+            `num_heads * key_dim`.
+        mixing_initializer: Initializer of the `(num_heads, shared_key_dim)`
+            mixing matrix. `"concatenate"` (default at full size) reproduces
+            standard multi-head attention; `"random_normal"` (default
+            otherwise) draws entries with variance `key_dim / shared_key_dim`
+            so that initial logits have the scale of standard heads. Any Keras
+            initializer is accepted.
+        use_content_bias: Boolean, whether the layer has a content bias (only
+            with `use_bias=True`). Defaults to `True`.
+        kernel_initializer: Initializer for dense layer kernels.
+        bias_initializer: Initializer for biases, content bias included.
+        kernel_regularizer: Regularizer for dense layer kernels.
+        bias_regularizer: Regularizer for biases.
+        activity_regularizer: Regularizer for dense layer activity.
+        kernel_constraint: Constraint for dense layer kernels.
+        bias_constraint: Constraint for biases.
+        use_gate: Boolean, whether to gate the attention output with a
+            sigmoid projection of the query, as in Keras MHA.
+        seed: Optional integer to seed the dropout layer.
+        **kwargs: Base layer arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        query: Query tensor of shape `(B, T, dim)`.
+        value: Value tensor of shape `(B, S, dim)`.
+        key: Optional key tensor of shape `(B, S, dim)`; defaults to `value`.
+        query_mask: Optional boolean mask of shape `(B, T)`; the Keras mask of
+            `query` takes precedence, as in Keras MHA.
+        value_mask: Optional boolean mask of shape `(B, S)`.
+        key_mask: Optional boolean mask of shape `(B, S)`.
+        attention_mask: Optional boolean mask broadcastable to `(B, T, S)`;
+            `True` marks the pairs that may attend.
+        return_attention_scores: Whether to also return the attention
+            probabilities, of shape `(B, num_heads, T, S)`.
+        training: Python boolean, whether dropout is active.
+        use_causal_mask: Whether to forbid attention to future positions.
+
+    Returns:
+        attention_output: Tensor of shape `(B, T, E)`, `E` being the query's
+            last dimension or `output_shape`.
+        attention_scores: (Optional) attention probabilities of shape
+            `(B, num_heads, T, S)`.
+
+    Example:
+
+    >>> layer = CollaborativeMultiHeadAttention(
+    ...     num_heads=8, key_dim=64, shared_key_dim=128
+    ... )
+    >>> query = keras.random.normal((2, 10, 512))
+    >>> value = keras.random.normal((2, 16, 512))
+    >>> output, scores = layer(query, value, return_attention_scores=True)
+    >>> output.shape, scores.shape
+    ((2, 10, 512), (2, 8, 10, 16))
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        dropout=0.0,
+        use_bias=True,
+        output_shape=None,
+        attention_axes=None,
+        sliding_window=None,
+        flash_attention=None,
+        shared_key_dim=None,
+        mixing_initializer=None,
+        use_content_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        use_gate=False,
+        seed=None,
+        **kwargs,
+    ):
+        if isinstance(dropout, bool) or not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(
+                "Received an invalid value for argument `dropout`, expected "
+                f"a float in [0, 1). Received: dropout={dropout}"
+            )
+        super().__init__(
+            num_heads=num_heads,
+            key_dim=key_dim,
+            value_dim=value_dim,
+            dropout=dropout,
+            use_bias=use_bias,
+            output_shape=output_shape,
+            attention_axes=attention_axes,
+            sliding_window=sliding_window,
+            flash_attention=flash_attention,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            use_gate=use_gate,
+            seed=seed,
+            **kwargs,
+        )
+        if shared_key_dim is None:
+            shared_key_dim = num_heads * key_dim
+        if (
+            isinstance(shared_key_dim, bool)
+            or not isinstance(shared_key_dim, (int, np.integer))
+            or shared_key_dim < 1
+        ):
+            raise ValueError(
+                "Received an invalid value for argument `shared_key_dim`, "
+                "expected a positive integer. Received: "
+                f"shared_key_dim={shared_key_dim}"
+            )
+        self._shared_key_dim = int(shared_key_dim)
+        self._mixing_initializer = get_mixing_initializer(
+            mixing_initializer, num_heads, key_dim, self._shared_key_dim
+        )
+        self._use_content_bias = bool(use_content_bias) and use_bias
+
+    @property
+    def shared_key_dim(self):
+        return self._shared_key_dim
+
+    @property
+    def use_content_bias(self):
+        return self._use_content_bias
+
+    @property
+    def mixing(self):
+        """The `(num_heads, shared_key_dim)` mixing matrix variable."""
+        return self._mixing
+
+    @property
+    def content_bias(self):
+        """The `(key_input_dim, num_heads)` content bias, or `None`."""
+        return self._content_bias
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "shared_key_dim": self._shared_key_dim,
+                "mixing_initializer": keras.initializers.serialize(
+                    self._mixing_initializer
+                ),
+                "use_content_bias": self._use_content_bias,
+            }
+        )
+        return config
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        key_shape = value_shape if key_shape is None else key_shape
+        self._check_input_shapes(query_shape, value_shape, key_shape)
+        query_rank = len(query_shape)
+        common_kwargs = self._get_common_kwargs_for_sublayer()
+
+        # The shared projections map the feature axis to D̃: (..., D) -> (...,
+        # D̃), i.e. kernels of shape (D, D̃), one "head" for all heads.
+        equation, bias_axes, _ = _build_proj_equation(
+            query_rank - 1, bound_dims=1, output_dims=1
+        )
+        shared_output_shape = _get_output_shape(
+            query_rank - 1, [self._shared_key_dim]
+        )
+        self._query_dense = keras.layers.EinsumDense(
+            equation,
+            output_shape=shared_output_shape,
+            bias_axes=bias_axes if self._use_bias else None,
+            name="query",
+            **common_kwargs,
+        )
+        self._query_dense.build(query_shape)
+        common_kwargs = self._get_common_kwargs_for_sublayer()
+        self._key_dense = keras.layers.EinsumDense(
+            equation,
+            output_shape=shared_output_shape,
+            bias_axes=None,
+            name="key",
+            **common_kwargs,
+        )
+        self._key_dense.build(key_shape)
+        self._mixing = self.add_weight(
+            name="mixing",
+            shape=(self._num_heads, self._shared_key_dim),
+            initializer=self._mixing_initializer,
+            regularizer=self._kernel_regularizer,
+            constraint=self._kernel_constraint,
+        )
+        self._content_bias = None
+        if self._use_content_bias:
+            self._content_bias = self.add_weight(
+                name="content_bias",
+                shape=(key_shape[-1], self._num_heads),
+                initializer=self._bias_initializer.__class__.from_config(
+                    self._bias_initializer.get_config()
+                ),
+                regularizer=self._bias_regularizer,
+                constraint=self._bias_constraint,
+            )
+
+        # Gate, values and output: exactly as in Keras MHA.
+        equation, bias_axes, output_rank = _build_proj_equation(
+            query_rank - 1, bound_dims=1, output_dims=2
+        )
+        if self._use_gate:
+            self._gate_dense = keras.layers.EinsumDense(
+                equation,
+                output_shape=_get_output_shape(
+                    output_rank - 1, [self._num_heads, self._value_dim]
+                ),
+                bias_axes=bias_axes if self._use_bias else None,
+                activation="sigmoid",
+                name="gate",
+                **self._get_common_kwargs_for_sublayer(),
+            )
+            self._gate_dense.build(query_shape)
+        self._value_dense = keras.layers.EinsumDense(
+            equation,
+            output_shape=_get_output_shape(
+                output_rank - 1, [self._num_heads, self._value_dim]
+            ),
+            bias_axes=bias_axes if self._use_bias else None,
+            name="value",
+            **self._get_common_kwargs_for_sublayer(),
+        )
+        self._value_dense.build(value_shape)
+        # Creates `_softmax`, `_dropout_layer` and normalises attention axes.
+        self._build_attention(output_rank)
+        self._output_dense = self._make_output_dense(
+            query_shape,
+            self._get_common_kwargs_for_sublayer(),
+            "attention_output",
+        )
+        output_dense_input_shape = list(query_shape[:-1]) + [
+            self._num_heads,
+            self._value_dim,
+        ]
+        self._output_dense.build(tuple(output_dense_input_shape))
+        self.built = True
+
+    def _check_input_shapes(self, query_shape, value_shape, key_shape):
+        if len(query_shape) < 3:
+            raise ValueError(
+                "`query` must have rank >= 3 (batch, positions..., features). "
+                f"Received: query.shape={tuple(query_shape)}"
+            )
+        if len(value_shape) != len(query_shape) or len(key_shape) != len(
+            query_shape
+        ):
+            raise ValueError(
+                "`query`, `value` and `key` must have the same rank. Received: "
+                f"query.shape={tuple(query_shape)}, "
+                f"value.shape={tuple(value_shape)}, "
+                f"key.shape={tuple(key_shape)}"
+            )
+        if tuple(value_shape[1:-1]) != tuple(key_shape[1:-1]):
+            raise ValueError(
+                "All dimensions of `value` and `key`, except the last one, "
+                f"must be equal. Received: value.shape={tuple(value_shape)} "
+                f"and key.shape={tuple(key_shape)}"
+            )
+        if not self.built:
+            return
+        expected = {
+            "query": (query_shape, self._query_dense.kernel.shape[0]),
+            "key": (key_shape, self._key_dense.kernel.shape[0]),
+            "value": (value_shape, self._value_dense.kernel.shape[0]),
+        }
+        for name, (shape, features) in expected.items():
+            if shape[-1] is not None and shape[-1] != features:
+                raise ValueError(
+                    f"`{name}` has {shape[-1]} features but the layer was "
+                    f"built for {features}. Received: "
+                    f"{name}.shape={tuple(shape)}"
+                )
+
+    @classmethod
+    def from_multi_head_attention(cls, mha, shared_key_dim=None, **kwargs):
+        """Creates a collaborative layer equivalent to a Keras MHA layer.
+
+        At full size (`shared_key_dim=None` or `num_heads * key_dim`) the
+        result computes exactly what `mha` computes. A smaller
+        `shared_key_dim` re-parametrizes the key/query projections by tensor
+        decomposition; see `keras_collab.conversion.convert_attention` for the
+        options (`calibration`, `target_error`, ...), which are forwarded.
+
+        Args:
+            mha: A built `keras.layers.MultiHeadAttention` (or subclass).
+            shared_key_dim: Size D̃ of the shared projection, `None` for full
+                size.
+            **kwargs: Forwarded to `keras_collab.conversion.convert_attention`.
+
+        Returns:
+            A new, built `CollaborativeMultiHeadAttention`; `mha` is unchanged.
+
+        Example:
+
+        >>> mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+        >>> x = keras.random.normal((1, 3, 8))
+        >>> _ = mha(x, x)
+        >>> layer = CollaborativeMultiHeadAttention.from_multi_head_attention(
+        ...     mha
+        ... )
+        """
+        from keras_collab.conversion import convert_attention
+
+        return convert_attention(
+            mha, shared_key_dim=shared_key_dim, layer_class=cls, **kwargs
+        ).layer
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        if key is None:
+            key = value
+        self._check_input_shapes(query.shape, value.shape, key.shape)
+        # As in Keras MHA, the Keras mask of `query` wins over `query_mask`,
+        # and the masks are consumed here rather than propagated.
+        query_mask = get_keras_mask(query)
+        set_keras_mask(query, None)
+        set_keras_mask(value, None)
+        set_keras_mask(key, None)
+
+        standard_layout = self._has_standard_layout(query)
+        causal_only = (
+            use_causal_mask
+            and query_mask is None
+            and value_mask is None
+            and key_mask is None
+            and attention_mask is None
+            and self._sliding_window is None
+        )
+        if causal_only:
+            attention_mask = None
+        else:
+            if not standard_layout and (
+                use_causal_mask
+                or self._sliding_window is not None
+                or query_mask is not None
+                or value_mask is not None
+                or key_mask is not None
+            ):
+                raise ValueError(
+                    "Causal, sliding-window and implicit masks need a single "
+                    "attention axis right after the batch axis. Pass an "
+                    "explicit `attention_mask` for attention_axes="
+                    f"{self._attention_axes} and query.shape={query.shape}."
+                )
+            if attention_mask is not None:
+                self._check_attention_mask(attention_mask, query, value)
+            attention_mask = self._compute_attention_mask(
+                query,
+                value,
+                query_mask=query_mask,
+                value_mask=value_mask,
+                key_mask=key_mask,
+                attention_mask=attention_mask,
+                use_causal_mask=use_causal_mask,
+            )
+
+        gate = self._gate_dense(query) if self._use_gate else None
+        shared_query = self._query_dense(query)
+        shared_key = self._key_dense(key)
+        projected_value = self._value_dense(value)
+        content_logits = None
+        if self._use_content_bias:
+            # (..., S, D_key_in) @ (D_key_in, H) -> (..., S, H)
+            content_logits = ops.matmul(key, self._content_bias)
+
+        if standard_layout:
+            attention_output, attention_scores = (
+                self._compute_collaborative_attention(
+                    shared_query,
+                    shared_key,
+                    projected_value,
+                    content_logits,
+                    attention_mask,
+                    training=training,
+                    return_attention_scores=return_attention_scores,
+                    use_causal_mask=causal_only,
+                )
+            )
+        else:
+            attention_output, attention_scores = self._attend_over_axes(
+                shared_query,
+                shared_key,
+                projected_value,
+                content_logits,
+                attention_mask,
+                training=training,
+                return_attention_scores=return_attention_scores,
+            )
+
+        if gate is not None:
+            attention_output = ops.multiply(attention_output, gate)
+        attention_output = self._output_dense(attention_output)
+        if query_mask is not None:
+            set_keras_mask(attention_output, query_mask)
+        if return_attention_scores:
+            return attention_output, attention_scores
+        return attention_output
+
+    def _has_standard_layout(self, query):
+        return len(query.shape) == 3 and tuple(self._attention_axes) == (1,)
+
+    def _check_attention_mask(self, attention_mask, query, value):
+        """Checks statically that the mask broadcasts to the scores' shape."""
+        target = tuple(query.shape[:-1]) + tuple(
+            value.shape[a] for a in self._attention_axes
+        )
+        mask_shape = tuple(attention_mask.shape)
+        ok = len(mask_shape) <= len(target) and all(
+            m is None or t is None or m in (1, t)
+            for m, t in zip(reversed(mask_shape), reversed(target))
+        )
+        if not ok:
+            raise ValueError(
+                "`attention_mask` must broadcast to (batch, <query positions>, "
+                f"<key positions>) = {target}. Received: "
+                f"attention_mask.shape={mask_shape}"
+            )
+
+    def _use_fused_kernel(self, return_attention_scores):
+        """Whether `ops.dot_product_attention` can run this attention.
+
+        The shared key is a single "head" of size D̃ while values keep
+        `num_heads` heads of size `value_dim`. PyTorch's fused kernel accepts
+        that (the key head broadcasts, value size may differ); the JAX kernel
+        needs equal key and value head sizes; TensorFlow's needs equal head
+        counts. Elsewhere the einsum path computes the same numbers.
+        """
+        if self._dropout > 0.0 or return_attention_scores:
+            return False
+        backend = keras.backend.backend()
+        return backend == "torch" or (
+            backend == "jax" and self._shared_key_dim == self._value_dim
+        )
+
+    def _compute_collaborative_attention(
+        self,
+        shared_query,
+        shared_key,
+        value,
+        content_logits,
+        attention_mask,
+        training=None,
+        return_attention_scores=False,
+        use_causal_mask=False,
+    ):
+        """Attention from the shared projections.
+
+        Args:
+            shared_query: `(B, T, D̃)` shared query projection.
+            shared_key: `(B, S, D̃)` shared key projection.
+            value: `(B, S, H, value_dim)` projected values.
+            content_logits: `(B, S, H)` content-bias logits, or `None`.
+            attention_mask: Boolean mask broadcastable to `(B, T, S)`, or
+                `None`.
+            training: Whether dropout is active.
+            return_attention_scores: Whether to return the probabilities.
+            use_causal_mask: Causal masking when it is the only mask source.
+
+        Returns:
+            `(B, T, H, value_dim)` context and `(B, H, T, S)` probabilities
+            (or `None` on the fused path).
+        """
+        if self._flash_attention and return_attention_scores:
+            raise ValueError(
+                "Returning attention scores is not supported when flash "
+                "attention is enabled. Please disable flash attention to "
+                "access attention scores."
+            )
+        scale = self._inverse_sqrt_key_dim
+        mixing = ops.cast(self._mixing, shared_query.dtype)
+        if self._use_fused_kernel(return_attention_scores):
+            return self._fused_attention(
+                shared_query,
+                shared_key,
+                value,
+                content_logits,
+                attention_mask,
+                mixing,
+                scale,
+                use_causal_mask,
+            ), None
+        if self._flash_attention:
+            raise ValueError(
+                "`flash_attention=True` needs a fused attention kernel, and "
+                f"the {keras.backend.backend()} backend has none for a shared "
+                f"key of size {self._shared_key_dim} with values of size "
+                f"{self._value_dim}. Use `flash_attention=None`."
+            )
+        if use_causal_mask:
+            attention_mask = self._compute_causal_mask(shared_query, value)
+
+        # Per-head queries (B, H, T, D̃), scaled first as in Keras MHA; the
+        # shared key is never copied per head.
+        head_queries = ops.einsum(
+            "btd,hd->bhtd",
+            ops.multiply(shared_query, ops.cast(scale, shared_query.dtype)),
+            mixing,
+        )
+        logits = ops.einsum("bhtd,bsd->bhts", head_queries, shared_key)
+        if content_logits is not None:
+            logits = logits + ops.multiply(
+                ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 2),
+                ops.cast(scale, logits.dtype),
+            )
+        probabilities = self._masked_softmax_float32(logits, attention_mask)
+        if self._dropout > 0.0:
+            dropped = self._dropout_layer(probabilities, training=training)
+        else:
+            dropped = probabilities
+        context = ops.einsum("bhts,bshd->bthd", dropped, value)
+        return context, probabilities
+
+    def _masked_softmax_float32(self, logits, attention_mask):
+        """Softmax over keys, in float32 whatever the compute dtype.
+
+        Half-precision softmax overflows or loses the masked-out mass; the
+        logits are upcast, masked with a large finite negative value (a fully
+        masked row gives a uniform, finite distribution, as in Keras MHA) and
+        the probabilities cast back.
+        """
+        compute_dtype = logits.dtype
+        logits = ops.cast(logits, "float32")
+        if attention_mask is not None:
+            mask = ops.cast(attention_mask, "bool")
+            while len(mask.shape) < 4:
+                mask = ops.expand_dims(mask, axis=-3)
+            logits = ops.where(mask, logits, _MASK_VALUE_FLOAT32)
+        probabilities = ops.softmax(logits, axis=-1)
+        return ops.cast(probabilities, compute_dtype)
+
+    def _fused_attention(
+        self,
+        shared_query,
+        shared_key,
+        value,
+        content_logits,
+        attention_mask,
+        mixing,
+        scale,
+        use_causal_mask,
+    ):
+        head_queries = ops.einsum("btd,hd->bthd", shared_query, mixing)
+        key = ops.expand_dims(shared_key, 2)  # one key "head" for all heads
+        mask = None
+        if attention_mask is not None:
+            mask = ops.cast(attention_mask, "bool")
+            while len(mask.shape) < 4:
+                mask = ops.expand_dims(mask, axis=-3)
+        bias = None
+        if content_logits is not None:
+            # Backends take a bias or a mask, not both: fold the mask in.
+            bias = ops.multiply(
+                ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 2),
+                ops.cast(scale, content_logits.dtype),
+            )
+            if use_causal_mask:
+                mask = ops.expand_dims(
+                    self._compute_causal_mask(shared_query, value), 1
+                )
+                use_causal_mask = False
+            if mask is not None:
+                negative = _large_negative(bias.dtype)
+                bias = ops.where(mask, bias, negative)
+                mask = None
+        return ops.dot_product_attention(
+            head_queries,
+            key,
+            value,
+            bias=bias,
+            mask=mask,
+            scale=scale,
+            is_causal=use_causal_mask,
+            flash_attention=self._flash_attention,
+        )
+
+    def _attend_over_axes(
+        self,
+        shared_query,
+        shared_key,
+        value,
+        content_logits,
+        attention_mask,
+        training=None,
+        return_attention_scores=False,
+    ):
+        """Attention over arbitrary `attention_axes`.
+
+        Moves the non-attention axes into the batch and flattens the attention
+        axes into one sequence axis, attends, and restores the layout.
+        """
+        rank = len(shared_query.shape)
+        axes = tuple(self._attention_axes)
+        others = tuple(a for a in range(1, rank - 1) if a not in axes)
+        order = (0,) + others + axes + (rank - 1,)
+        query_shape = ops.shape(shared_query)
+        value_shape = ops.shape(shared_key)
+        outer = [query_shape[0]] + [query_shape[a] for a in others]
+        query_positions = [query_shape[a] for a in axes]
+        key_positions = [value_shape[a] for a in axes]
+
+        def flatten(x, positions):
+            x = ops.transpose(x, order + tuple(range(rank, len(x.shape))))
+            return ops.reshape(
+                x, (-1, int(np.prod(positions))) + tuple(x.shape[rank - 1 :])
+            )
+
+        flat_query = flatten(shared_query, query_positions)
+        flat_key = flatten(shared_key, key_positions)
+        # Values carry a head axis after the features were projected.
+        value_order = order[:-1] + (rank - 1, rank)
+        flat_value = ops.reshape(
+            ops.transpose(value, value_order),
+            (-1, int(np.prod(key_positions)), self._num_heads, self._value_dim),
+        )
+        flat_content = None
+        if content_logits is not None:
+            flat_content = flatten(content_logits, key_positions)
+        flat_mask = None
+        if attention_mask is not None:
+            full = tuple(outer) + tuple(query_positions) + tuple(key_positions)
+            flat_mask = ops.reshape(
+                ops.broadcast_to(ops.cast(attention_mask, "bool"), full),
+                (-1, int(np.prod(query_positions)), int(np.prod(key_positions))),
+            )
+        context, scores = self._compute_collaborative_attention(
+            flat_query,
+            flat_key,
+            flat_value,
+            flat_content,
+            flat_mask,
+            training=training,
+            return_attention_scores=return_attention_scores,
+        )
+        permuted_shape = (
+            tuple(outer)
+            + tuple(query_positions)
+            + (self._num_heads, self._value_dim)
+        )
+        context = ops.reshape(context, permuted_shape)
+        inverse = tuple(np.argsort(order[:-1])) + (rank - 1, rank)
+        context = ops.transpose(context, inverse)
+        if scores is not None:
+            scores = ops.reshape(
+                scores,
+                tuple(outer)
+                + (self._num_heads,)
+                + tuple(query_positions)
+                + tuple(key_positions),
+            )
+        return context, scores
+
+    def compute_output_spec(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        key_shape = None if key is None else key.shape
+        output_shape = self.compute_output_shape(
+            query.shape, value.shape, key_shape
+        )
+        output_spec = keras.KerasTensor(output_shape, dtype=self.compute_dtype)
+        if not return_attention_scores:
+            return output_spec
+        rank = len(query.shape)
+        axes = self._attention_axes
+        if axes is None:
+            axes = tuple(range(1, rank - 1))
+        axes = tuple(a if a >= 0 else rank - 1 + a for a in axes)
+        others = [a for a in range(1, rank - 1) if a not in axes]
+        scores_shape = (
+            (query.shape[0],)
+            + tuple(query.shape[a] for a in others)
+            + (self._num_heads,)
+            + tuple(query.shape[a] for a in axes)
+            + tuple(value.shape[a] for a in axes)
+        )
+        return output_spec, keras.KerasTensor(
+            scores_shape, dtype=self.compute_dtype
+        )
+
+
+def _large_negative(dtype):
+    """A large finite negative number representable in `dtype`."""
+    if keras.backend.standardize_dtype(dtype) == "float16":
+        return ops.cast(-0.7 * np.finfo("float16").max, dtype)
+    return ops.cast(_MASK_VALUE_FLOAT32, dtype)

@@ -1,0 +1,21 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+# Each backend runs the whole suite in its own process (see scripts/test.sh):
+# KERAS_BACKEND is read once, when keras is imported.
+BACKEND = keras.backend.backend()
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend {BACKEND}, KERAS_BACKEND={os.environ.get('KERAS_BACKEND')}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_policy():
+    keras.utils.set_random_seed(1234)
+    np.random.seed(1234)
+    yield
+    keras.config.set_dtype_policy("float32")
