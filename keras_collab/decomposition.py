@@ -22,15 +22,14 @@ key-side inputs, it minimises the expected logits error
 `sum_h ||S_q^{1/2} (T_h - T_hat_h) S_k^{1/2}||_F^2` instead of the plain
 Frobenius error, so the limited rank is spent on directions the data uses.
 
-Everything here is NumPy (plus `scipy.linalg`) in float64, so it behaves the
-same under every Keras backend and needs no built layer.
+Everything here is plain NumPy in float64, so it behaves the same under every
+Keras backend, needs no built layer and adds no dependency.
 """
 
 import dataclasses
 import math
 
 import numpy as np
-import scipy.linalg
 
 # Relative diagonal loading (times the mean diagonal entry) applied to a
 # weight matrix before its inverse square root maps a weighted solution back.
@@ -51,9 +50,11 @@ _WEIGHT_EIGENVALUE_FLOOR = 1e-12
 _RIDGE = 1e-12
 
 # Below this fraction of `||T||^2`, the expanded squared error
-# `||T||^2 - 2 <T, T_hat> + ||T_hat||^2` has lost most of its significant
-# digits to cancellation, so ALS switches to the exact factored residual.
-_EXPANSION_TRUST_LIMIT = 1e-8
+# `||T||^2 - 2 <T, T_hat> + ||T_hat||^2` carries round-off of ~1e-14 relative
+# to `||T||^2`, i.e. relative noise in the error itself that could trip the
+# `tol` test, so ALS switches to the exact factored residual (which costs
+# about one sweep) from there on.
+_EXPANSION_TRUST_LIMIT = 1e-6
 
 # A relative error this small is a perfect fit up to float64 round-off;
 # further sweeps can only shuffle round-off around.
@@ -189,8 +190,12 @@ def collaborative_cp(
     )
 
     rng = np.random.default_rng(seed)
-    query_kernel = _spectral_init(problem.query_kernels, problem.key_kernels, rank, rng)
-    key_kernel = _spectral_init(problem.key_kernels, problem.query_kernels, rank, rng)
+    query_kernel = _spectral_init(
+        problem.query_kernels, problem.key_kernels, rank, rng
+    )
+    key_kernel = _spectral_init(
+        problem.key_kernels, problem.query_kernels, rank, rng
+    )
     query_kernel, key_kernel, mixing, iterations, converged = _run_als(
         problem, query_kernel, key_kernel, tol, max_iter
     )
@@ -686,19 +691,18 @@ def _update_mixing(problem, query_kernel, key_kernel, query_projections,
 def _solve_normal_equations(numerator, gram):
     """Solves `X gram = numerator` for `X`, with `gram` symmetric PSD.
 
-    A ridge relative to the Gram's scale keeps the Cholesky factorisation
-    defined for rank-deficient factors; should it still fail, fall back to
+    A ridge relative to the Gram's scale keeps the system non-singular for
+    rank-deficient factors (LU with partial pivoting is backward stable on
+    such a well-posed SPD system); should it still be singular, fall back to
     the minimum-norm least-squares solution.
     """
     size = gram.shape[0]
     ridge = _RIDGE * max(np.trace(gram) / size, np.finfo(np.float64).tiny)
     regularised = gram + ridge * np.eye(size)
     try:
-        solution = scipy.linalg.solve(
-            regularised, numerator.T, assume_a="pos", check_finite=False
-        )
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        solution = scipy.linalg.lstsq(regularised, numerator.T)[0]
+        solution = np.linalg.solve(regularised, numerator.T)
+    except np.linalg.LinAlgError:
+        solution = np.linalg.lstsq(regularised, numerator.T, rcond=None)[0]
     return solution.T
 
 

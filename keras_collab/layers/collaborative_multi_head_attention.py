@@ -630,6 +630,14 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     ):
         head_queries = ops.einsum("btd,hd->bthd", shared_query, mixing)
         key = ops.expand_dims(shared_key, 2)  # one key "head" for all heads
+        if keras.backend.backend() != "torch":
+            # JAX groups heads only when keys and values have the same head
+            # count; XLA fuses this broadcast into the dot product.
+            key_shape = ops.shape(shared_key)
+            key = ops.broadcast_to(
+                key,
+                (key_shape[0], key_shape[1], self._num_heads, key_shape[2]),
+            )
         mask = None
         if attention_mask is not None:
             mask = ops.cast(attention_mask, "bool")
