@@ -1,0 +1,155 @@
+"""KerasHub integration: collaborative backbones that save and load as presets.
+
+A converted KerasHub backbone must come back from `save_to_preset` through
+KerasHub's own loaders (`keras_hub.models.Backbone.from_preset`, its task
+classes, its tokenizer). Those rebuild a model from its config, so the swap of
+attention layers has to be part of the config. For each KerasHub backbone
+class `XBackbone` this module registers `CollaborativeXBackbone`, a subclass
+that takes one more argument, `collaborative_attention`: a mapping from
+attention-site paths (see `keras_collab.surgery`) to the serialized
+collaborative layers that replace them. It builds `XBackbone` as usual, then
+swaps those layers in; its weights file therefore holds the collaborative
+weights.
+
+KerasHub finds tasks, preprocessors and tokenizers for a backbone through
+their `backbone_cls` attribute, so each of those classes gets a registered
+`Collaborative...` twin whose `backbone_cls` is the collaborative backbone.
+Everything is registered when `keras_collab` is imported.
+"""
+
+import inspect
+import json
+
+import keras
+import keras_hub
+
+from keras_collab import surgery
+
+_COLLABORATIVE_CLASSES = {}
+_PACKAGE = "keras_collab"
+
+
+class CollaborativeBackboneMixin:
+    """Swaps attention layers of a KerasHub backbone for collaborative ones.
+
+    Args:
+        collaborative_attention: `{site path: serialized layer}`, as written
+            by `keras_collab.convert_model`.
+        *args, **kwargs: Those of the KerasHub backbone.
+    """
+
+    def __init__(self, *args, collaborative_attention=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A plain JSON copy, kept out of Keras' attribute tracking: it is
+        # configuration, not state.
+        object.__setattr__(
+            self,
+            "_collaborative_attention",
+            _json_copy(collaborative_attention or {}),
+        )
+        for path, serialized in self._collaborative_attention.items():
+            site = surgery.get_site(self, path)
+            serialized = _json_copy(serialized)
+            # The backbone's dtype (e.g. `from_preset(..., dtype=...)`) wins
+            # over the one recorded at conversion time.
+            serialized["config"]["dtype"] = site.layer.dtype_policy
+            serialized["config"]["name"] = site.layer.name
+            # Build for the shapes of the layer it replaces, not for shapes
+            # recorded elsewhere.
+            serialized.pop("build_config", None)
+            layer = keras.saving.deserialize_keras_object(serialized)
+            layer.build(*surgery.build_shapes(site.layer))
+            surgery.replace_attribute(site, layer)
+
+    @property
+    def collaborative_attention(self):
+        return _json_copy(self._collaborative_attention)
+
+    def get_config(self):
+        config = super().get_config()
+        config["collaborative_attention"] = self.collaborative_attention
+        return config
+
+
+def _json_copy(value):
+    return json.loads(json.dumps(value))
+
+
+def _register(cls):
+    return keras.saving.register_keras_serializable(
+        package=_PACKAGE, name=cls.__name__
+    )(cls)
+
+
+def collaborative_backbone_class(backbone_cls):
+    """The registered collaborative twin of a KerasHub backbone class.
+
+    Also registers twins of the tasks, preprocessors and tokenizers whose
+    `backbone_cls` is `backbone_cls`, so that KerasHub's `from_preset` finds
+    them for a converted preset.
+
+    Args:
+        backbone_cls: A subclass of `keras_hub.models.Backbone`.
+
+    Returns:
+        The class `Collaborative<BackboneName>`.
+    """
+    if issubclass(backbone_cls, CollaborativeBackboneMixin):
+        return backbone_cls
+    if backbone_cls in _COLLABORATIVE_CLASSES:
+        return _COLLABORATIVE_CLASSES[backbone_cls]
+    name = f"Collaborative{backbone_cls.__name__}"
+    collaborative_cls = _register(
+        type(
+            name,
+            (CollaborativeBackboneMixin, backbone_cls),
+            {
+                "__module__": __name__,
+                "__doc__": f"`{backbone_cls.__name__}` with collaborative "
+                "attention layers (see `keras_collab.hub`).",
+            },
+        )
+    )
+    _COLLABORATIVE_CLASSES[backbone_cls] = collaborative_cls
+    for companion in _companions(backbone_cls):
+        twin = type(
+            f"Collaborative{companion.__name__}",
+            (companion,),
+            {"__module__": __name__, "backbone_cls": collaborative_cls},
+        )
+        _register(twin)
+    return collaborative_cls
+
+
+def _companions(backbone_cls):
+    """Registered tasks, preprocessors and tokenizers of `backbone_cls`."""
+    return [
+        obj
+        for obj in set(keras.saving.get_custom_objects().values())
+        if inspect.isclass(obj)
+        and getattr(obj, "backbone_cls", None) is backbone_cls
+        and not issubclass(obj, keras_hub.models.Backbone)
+    ]
+
+
+def register_all_backbones():
+    """Registers collaborative twins of every KerasHub backbone class."""
+    for obj in list(keras.saving.get_custom_objects().values()):
+        if (
+            inspect.isclass(obj)
+            and issubclass(obj, keras_hub.models.Backbone)
+            and obj is not keras_hub.models.Backbone
+            and not issubclass(obj, CollaborativeBackboneMixin)
+        ):
+            collaborative_backbone_class(obj)
+
+
+def is_backbone(model):
+    return isinstance(model, keras_hub.models.Backbone)
+
+
+def is_task(model):
+    return isinstance(model, keras_hub.models.Task)
+
+
+register_all_backbones()
