@@ -291,6 +291,7 @@ def new_figure(num_rows, num_columns, panel_size=(4.5, 3.5)):
         num_columns,
         figsize=(panel_size[0] * num_columns, panel_size[1] * num_rows),
         squeeze=False,
+        constrained_layout=True,
     )
     return figure, axes
 

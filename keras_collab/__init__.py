@@ -6,13 +6,25 @@ Implements "Multi-Head Attention: Collaborate Instead of Concatenate"
 projections, and tools that re-parametrize pretrained attention into it.
 """
 
+import importlib.util
+
+from keras_collab.convert import convert_model
 from keras_collab.initializers import ConcatenateMixing
+from keras_collab.layers import CachedCollaborativeMultiHeadAttention
 from keras_collab.layers import CollaborativeMultiHeadAttention
+
+# With KerasHub installed, register the collaborative twins of its backbones,
+# tasks and tokenizers now, so that `from_preset` can load converted presets
+# right after `import keras_collab`.
+if importlib.util.find_spec("keras_hub") is not None:
+    from keras_collab import hub  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CachedCollaborativeMultiHeadAttention",
     "CollaborativeMultiHeadAttention",
+    "convert_model",
     "ConcatenateMixing",
     "__version__",
 ]

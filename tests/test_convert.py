@@ -1,0 +1,299 @@
+"""Conversion of single layers and whole models, on every backend."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_collab
+from keras_collab import CollaborativeMultiHeadAttention
+from keras_collab.conversion import convert_attention
+from keras_collab.convert import convert_model
+from keras_collab.surgery import find_attention_sites
+
+keras_hub = pytest.importorskip("keras_hub")
+RNG = np.random.default_rng(3)
+
+
+def _numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+def _mha(num_heads=3, key_dim=4, width=12):
+    mha = keras.layers.MultiHeadAttention(
+        num_heads=num_heads, key_dim=key_dim, bias_initializer="random_normal"
+    )
+    x = RNG.normal(size=(2, 5, width)).astype("float32")
+    mha(x, x)
+    return mha
+
+
+def _outputs(layer, x):
+    return _numpy(layer(x, x, return_attention_scores=True)[0])
+
+
+class TestConvertAttention:
+    def test_exact_low_rank_layer_with_biases(self):
+        # Head 2 repeats head 1, so the per-head products have CP rank 4 < 6:
+        # a rank-4 conversion must be exact, query bias (carried by the
+        # content bias) and key bias (dropped) included.
+        mha = _mha(num_heads=3, key_dim=2, width=8)
+        for dense in (mha.query_dense, mha.key_dense):
+            kernel = _numpy(dense.kernel)
+            kernel[:, 2] = kernel[:, 1]
+            dense.kernel.assign(kernel)
+        query_bias = _numpy(mha.query_dense.bias)
+        query_bias[2] = query_bias[1]
+        mha.query_dense.bias.assign(query_bias)
+        result = convert_attention(mha, shared_key_dim=4, tol=1e-12, max_iter=2000)
+        assert result.relative_error < 1e-5
+        x = RNG.normal(size=(2, 6, 8)).astype("float32")
+        np.testing.assert_allclose(
+            _outputs(result.layer, x), _outputs(mha, x), atol=1e-4
+        )
+        assert _numpy(result.layer.content_bias).std() > 0
+
+    def test_error_falls_as_shared_key_dim_grows(self):
+        mha = _mha(num_heads=4, key_dim=4, width=16)
+        errors = [
+            convert_attention(mha, shared_key_dim=d).relative_error
+            for d in (2, 4, 8, 12, 16)
+        ]
+        assert errors[-1] < 1e-6
+        assert all(a >= b - 1e-6 for a, b in zip(errors, errors[1:])), errors
+
+    def test_deterministic(self):
+        mha = _mha()
+        first = convert_attention(mha, shared_key_dim=5).layer
+        second = convert_attention(mha, shared_key_dim=5).layer
+        for a, b in zip(first.weights, second.weights):
+            np.testing.assert_array_equal(_numpy(a), _numpy(b))
+
+    def test_fraction_and_target_error(self):
+        mha = _mha(num_heads=4, key_dim=4, width=16)
+        assert convert_attention(mha, shared_key_dim=0.5).shared_key_dim == 8
+        result = convert_attention(mha, target_error=0.3)
+        assert result.relative_error <= 0.3
+        assert result.shared_key_dim % 4 == 0
+
+    @pytest.mark.parametrize("bad", [0, 13, -1, 1.5])
+    def test_bad_shared_key_dim(self, bad):
+        with pytest.raises(ValueError, match="shared_key_dim"):
+            convert_attention(_mha(), shared_key_dim=bad)
+
+    def test_unbuilt_and_wrong_layers(self):
+        with pytest.raises(ValueError, match="not built"):
+            convert_attention(keras.layers.MultiHeadAttention(2, 2))
+        with pytest.raises(ValueError, match="MultiHeadAttention"):
+            convert_attention(keras.layers.Dense(3))
+
+
+def _text_inputs(batch=2, length=8, vocabulary=40, segments=True):
+    token_ids = RNG.integers(1, vocabulary, size=(batch, length))
+    padding_mask = np.ones((batch, length), dtype=bool)
+    padding_mask[1, length // 2 :] = False
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if segments:
+        inputs["segment_ids"] = np.zeros((batch, length), dtype="int32")
+    return inputs
+
+
+SMALL = dict(num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16)
+
+
+def _backbones():
+    text = dict(vocabulary_size=40, max_sequence_length=16, **SMALL)
+    cases = {
+        "bert": (keras_hub.models.BertBackbone(**text), _text_inputs()),
+        "roberta": (
+            keras_hub.models.RobertaBackbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "xlm_roberta": (
+            keras_hub.models.XLMRobertaBackbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "distil_bert": (
+            keras_hub.models.DistilBertBackbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "albert": (
+            keras_hub.models.AlbertBackbone(
+                vocabulary_size=40,
+                num_layers=4,
+                num_heads=2,
+                embedding_dim=8,
+                hidden_dim=8,
+                intermediate_dim=16,
+                num_groups=1,
+                num_inner_repetitions=1,
+                max_sequence_length=16,
+            ),
+            _text_inputs(),
+        ),
+        "electra": (
+            keras_hub.models.ElectraBackbone(
+                vocab_size=40, embedding_dim=8, max_sequence_length=16, **SMALL
+            ),
+            _text_inputs(),
+        ),
+        "gpt2": (
+            keras_hub.models.GPT2Backbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "opt": (
+            keras_hub.models.OPTBackbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "bart": (
+            keras_hub.models.BartBackbone(**text),
+            {
+                "encoder_token_ids": RNG.integers(1, 40, size=(2, 7)),
+                "encoder_padding_mask": np.ones((2, 7), dtype=bool),
+                "decoder_token_ids": RNG.integers(1, 40, size=(2, 5)),
+                "decoder_padding_mask": np.ones((2, 5), dtype=bool),
+            },
+        ),
+    }
+    if hasattr(keras_hub.models, "ViTBackbone"):
+        cases["vit"] = (
+            keras_hub.models.ViTBackbone(
+                image_shape=(8, 8, 3),
+                patch_size=4,
+                num_layers=2,
+                num_heads=2,
+                hidden_dim=8,
+                mlp_dim=16,
+            ),
+            RNG.normal(size=(2, 8, 8, 3)).astype("float32"),
+        )
+    return cases
+
+
+def _flat_outputs(model, inputs):
+    outputs = model(inputs)
+    if isinstance(outputs, dict):
+        return {k: _numpy(v) for k, v in outputs.items()}
+    return {"output": _numpy(outputs)}
+
+
+def _randomize_biases(model):
+    # Fresh backbones have zero biases; make the query/key biases matter.
+    for variable in model.weights:
+        if variable.path.endswith("bias"):
+            variable.assign(RNG.normal(size=variable.shape) * 0.5)
+
+
+@pytest.mark.parametrize("architecture", list(_backbones()))
+def test_full_rank_is_exact_for_every_architecture(architecture):
+    backbone, inputs = _backbones()[architecture]
+    _randomize_biases(backbone)
+    expected = _flat_outputs(backbone, inputs)
+    sites = find_attention_sites(backbone)
+    before = [_numpy(w).copy() for w in backbone.weights]
+    result = convert_model(backbone)
+    assert type(result.model).__name__ == f"Collaborative{type(backbone).__name__}"
+    assert len(result.layers) == len(sites)
+    if architecture == "albert":
+        assert len(sites) == 1  # one shared layer, converted once
+    if architecture == "bart":
+        assert len(sites) == 6  # encoder self, decoder self and cross
+    converted_sites = find_attention_sites(result.model)
+    assert converted_sites == []  # nothing left unconverted
+    actual = _flat_outputs(result.model, inputs)
+    for key, value in expected.items():
+        np.testing.assert_allclose(actual[key], value, atol=1e-5, rtol=1e-5)
+    for old, new in zip(before, backbone.weights):
+        np.testing.assert_array_equal(old, _numpy(new))  # source untouched
+
+
+def test_reduced_rank_backbone_preset_round_trip(tmp_path):
+    backbone, inputs = _backbones()["bert"]
+    result = convert_model(backbone, shared_key_dim=4, calibration_data=inputs)
+    for conversion in result.layers.values():
+        assert conversion.shared_key_dim == 4
+        assert 0 < conversion.relative_error < 1
+    expected = _flat_outputs(result.model, inputs)
+    result.model.save_to_preset(str(tmp_path))
+    restored = keras_hub.models.Backbone.from_preset(str(tmp_path))
+    assert type(restored) is type(result.model)
+    actual = _flat_outputs(restored, inputs)
+    for key in expected:
+        np.testing.assert_allclose(actual[key], expected[key], atol=1e-6)
+    layer = find_attention_sites(
+        restored, lambda l: isinstance(l, CollaborativeMultiHeadAttention)
+    )[0].layer
+    assert layer.shared_key_dim == 4
+
+
+def test_activation_aware_beats_plain_on_its_data():
+    backbone, inputs = _backbones()["bert"]
+    # Anisotropic inputs: scale a few embedding features up.
+    embeddings = backbone.get_layer("token_embedding").embeddings
+    scale = np.ones(8, dtype="float32")
+    scale[:2] = 8.0
+    embeddings.assign(_numpy(embeddings) * scale)
+    reference = _flat_outputs(backbone, inputs)["sequence_output"]
+
+    def error(**kwargs):
+        model = convert_model(backbone, shared_key_dim=3, **kwargs).model
+        output = _flat_outputs(model, inputs)["sequence_output"]
+        return np.abs(output - reference).mean()
+
+    assert error(calibration_data=inputs) < error()
+
+
+def test_functional_model_with_graph_level_attention(tmp_path):
+    tokens = keras.Input((6, 8))
+    mha = keras.layers.MultiHeadAttention(
+        num_heads=2, key_dim=4, bias_initializer="random_normal"
+    )
+    outputs = keras.layers.Dense(3)(mha(tokens, tokens))
+    model = keras.Model(tokens, outputs)
+    x = RNG.normal(size=(2, 6, 8)).astype("float32")
+    expected = _numpy(model(x))
+    result = convert_model(model)
+    np.testing.assert_allclose(_numpy(result.model(x)), expected, atol=1e-5)
+    assert isinstance(
+        result.model.layers[1], CollaborativeMultiHeadAttention
+    )
+    path = tmp_path / "model.keras"
+    result.model.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(_numpy(restored(x)), expected, atol=1e-5)
+
+
+def test_model_without_attention_is_refused():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no keras.layers.MultiHeadAttention"):
+        convert_model(model)
+
+
+def test_causal_lm_generate_unchanged_at_full_rank(tmp_path):
+    tokens = ["<|endoftext|>", "a", "b", "ab", "\u0120", "\u0120a", "\u0120b"]
+    vocabulary = {token: index for index, token in enumerate(tokens)}
+    tokenizer = keras_hub.models.GPT2Tokenizer(
+        vocabulary=vocabulary, merges=["a b", "\u0120 a", "\u0120 b"]
+    )
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer, sequence_length=8
+    )
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=len(tokens), max_sequence_length=16, **SMALL
+    )
+    _randomize_biases(backbone)
+    causal_lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor)
+    expected = causal_lm.generate("ab a", max_length=8)
+    result = convert_model(causal_lm)
+    assert isinstance(result.model, keras_hub.models.GPT2CausalLM)
+    assert result.model.generate("ab a", max_length=8) == expected
+    result.model.save_to_preset(str(tmp_path))
+    restored = keras_hub.models.CausalLM.from_preset(str(tmp_path))
+    assert restored.generate("ab a", max_length=8) == expected
+    # Reduced rank still decodes through the cache.
+    reduced = convert_model(causal_lm, shared_key_dim=4).model
+    assert isinstance(reduced.generate("ab a", max_length=8), str)
+
+
+def test_keras_collab_exports():
+    assert keras_collab.convert_model is convert_model
