@@ -297,3 +297,37 @@ def test_causal_lm_generate_unchanged_at_full_rank(tmp_path):
 
 def test_keras_collab_exports():
     assert keras_collab.convert_model is convert_model
+
+
+def test_refinement_fits_the_original_attention():
+    backbone, inputs = _backbones()["bert"]
+    _randomize_biases(backbone)
+    # Random initial weights give near-uniform attention; sharpen it so that
+    # there is something to fit.
+    for site in find_attention_sites(backbone):
+        for dense in (site.layer.query_dense, site.layer.key_dense):
+            dense.kernel.assign(_numpy(dense.kernel) * 6.0)
+    reference = _flat_outputs(backbone, inputs)["sequence_output"]
+    plain = convert_model(backbone, shared_key_dim=2, calibration_data=inputs)
+    refined = convert_model(
+        backbone,
+        shared_key_dim=2,
+        calibration_data=inputs,
+        refine_steps=60,
+        refine_learning_rate=1e-2,
+    )
+    assert set(refined.refinement) == set(refined.layers)
+    for losses in refined.refinement.values():
+        assert losses["loss_after"] < losses["loss_before"]
+
+    def error(result):
+        output = _flat_outputs(result.model, inputs)["sequence_output"]
+        return np.abs(output - reference).mean()
+
+    assert error(refined) < error(plain)
+
+
+def test_refinement_needs_calibration():
+    backbone, _ = _backbones()["bert"]
+    with pytest.raises(ValueError, match="calibration_data"):
+        convert_model(backbone, shared_key_dim=2, refine_steps=5)
