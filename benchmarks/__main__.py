@@ -19,7 +19,6 @@ import argparse
 import importlib
 import os
 import sys
-import time
 
 from benchmarks import common
 
@@ -76,35 +75,12 @@ def _full_parser(suite, module):
     return parser
 
 
-def _run_on_all_backends(args, module, suite_arguments):
-    start = time.perf_counter()
-    documents, failures = common.run_backend_subprocesses(
-        args.suite,
-        suite_arguments,
-        common.BACKENDS,
-        args.output_dir,
-        args.quick,
-    )
-    merged = common.merge_documents(
-        args.suite, documents, failures, args.quick
-    )
-    common.finish_metadata(merged["metadata"], start)
-    stem = f"{args.suite}_all"
-    common.write_json(
-        common.result_path(args.output_dir, args.suite, "all", ".json"), merged
-    )
-    if hasattr(module, "report"):
-        module.report(merged, args.output_dir, stem)
-    print(f"Merged results: {args.output_dir}/{stem}.*")
-    return 1 if failures else 0
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("Suites:", ", ".join(sorted(SUITES)))
-        return 0
+        return 0 if argv else 2
     known, suite_arguments = _suite_name_parser().parse_known_args(argv)
     module = importlib.import_module(SUITES[known.suite])
     args = _full_parser(known.suite, module).parse_args(argv)
@@ -114,7 +90,14 @@ def main(argv=None):
     suite_arguments = [a for a in suite_arguments if a not in ("-h", "--help")]
 
     if args.backend_all and not getattr(module, "RUNS_ITS_OWN_BACKENDS", False):
-        return _run_on_all_backends(args, module, suite_arguments)
+        merged = common.run_on_backends(
+            args.suite,
+            suite_arguments,
+            args.output_dir,
+            args.quick,
+            report=getattr(module, "report", None),
+        )
+        return 1 if merged["failed_backends"] else 0
     if args.backend:
         # Must happen before the suite imports Keras.
         os.environ["KERAS_BACKEND"] = args.backend

@@ -14,6 +14,8 @@ input, as inside a deep network. Its loss is the mean square of the output.
 This module imports Keras: import it only once `KERAS_BACKEND` is set.
 """
 
+import gc
+
 import keras
 
 from keras_collab import CollaborativeMultiHeadAttention
@@ -196,9 +198,7 @@ def _torch_step(layer, inputs, mode, variant, on_accelerator):
     watched_inputs = inputs.detach().clone().requires_grad_(True)
 
     def step():
-        torch.autograd.grad(
-            loss(watched_inputs), [watched_inputs, *parameters]
-        )
+        torch.autograd.grad(loss(watched_inputs), [watched_inputs, *parameters])
         synchronize()
 
     return step
@@ -215,3 +215,18 @@ def reset_torch_compile_cache():
     import torch
 
     torch._dynamo.reset()
+
+
+def release_cached_memory():
+    """Hands memory cached by PyTorch's allocator back to the GPU.
+
+    For another process to measure on the same GPU. JAX and TensorFlow keep
+    what they allocated; `benchmarks.layer_speed` stops them from reserving
+    it all up front.
+    """
+    gc.collect()
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

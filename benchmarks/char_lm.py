@@ -33,9 +33,7 @@ class PositionEmbedding(keras.layers.Layer):
 
     def call(self, inputs):
         length = ops.shape(inputs)[1]
-        return inputs + ops.cast(
-            self.embeddings[:length], inputs.dtype
-        )
+        return inputs + ops.cast(self.embeddings[:length], inputs.dtype)
 
     def get_config(self):
         return {**super().get_config(), "max_length": self.max_length}
@@ -134,9 +132,7 @@ def build_language_model(
         An uncompiled `keras.Model`.
     """
     tokens = keras.Input((seq_len,), dtype="int32", name="tokens")
-    x = layers.Embedding(vocabulary_size, width, name="token_embedding")(
-        tokens
-    )
+    x = layers.Embedding(vocabulary_size, width, name="token_embedding")(tokens)
     x = PositionEmbedding(seq_len, name="position_embedding")(x)
     for block in range(depth):
         normed = layers.LayerNormalization(name=f"block{block}_norm1")(x)

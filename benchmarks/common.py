@@ -43,6 +43,17 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 MIB = 2**20
 
+# Environment variables that change how fast or where backends compute.
+_RECORDED_ENVIRONMENT = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "XLA_FLAGS",
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+    "TF_FORCE_GPU_ALLOW_GROWTH",
+    "CUDA_VISIBLE_DEVICES",
+)
+
 # Distributions whose versions go into the metadata. TensorFlow ships under
 # several names; the first one installed is reported.
 _VERSIONED_DISTRIBUTIONS = {
@@ -179,6 +190,11 @@ def collect_metadata(suite, quick, backend=None, accelerator=None):
         "cpus_usable": len(os.sched_getaffinity(0)),
         "load_average_at_start": list(os.getloadavg()),
         "platform": platform.platform(),
+        "environment": {
+            name: os.environ[name]
+            for name in _RECORDED_ENVIRONMENT
+            if name in os.environ
+        },
         "versions": package_versions(),
     }
 
@@ -245,11 +261,19 @@ def _write_atomically(path, write):
     try:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
+        # mkstemp makes the file private; results are for everyone to read.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
     return path
+
+
+def _current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_json(path, data):
@@ -318,7 +342,7 @@ def _json_default(value):
 
 
 def format_value(value, digits=3):
-    """Formats a table cell: floats to `digits` significant digits, None as -."""
+    """Formats a table cell: floats to `digits` significant digits."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -347,7 +371,9 @@ def markdown_table(headers, rows, digits=3):
         "| " + " | ".join(rules) + " |",
     ]
     for row in rows:
-        cells = [format_value(value, digits).replace("|", "\\|") for value in row]
+        cells = [
+            format_value(value, digits).replace("|", "\\|") for value in row
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -357,11 +383,9 @@ def environment_markdown(document):
     lines = []
     for backend, metadata in document["backends"].items():
         versions = metadata["versions"]
-        library = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
         lines.append(
             f"- **{backend}**: {describe_device(metadata)}; "
-            f"keras {versions['keras']}, {backend} "
-            f"{versions.get(library.get(backend, backend))}; "
+            f"keras {versions['keras']}, {backend} {versions.get(backend)}; "
             f"{metadata['date']}; {metadata.get('wall_time_s', '?')} s; "
             f"load average {metadata['load_average_at_start'][0]:.2f} at "
             f"start; `{metadata['command']}`"
@@ -425,10 +449,10 @@ def run_backend_subprocesses(
             *suite_arguments,
         ]
         print(f"=== {suite} on {backend}: {shlex.join(command)}", flush=True)
-        environment = dict(os.environ, KERAS_BACKEND=backend)
-        environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         started = time.time()
-        completed = subprocess.run(command, env=environment, check=False)
+        completed = subprocess.run(
+            command, env=child_environment(backend), check=False
+        )
         path = result_path(output_dir, suite, backend, ".json")
         # A result older than the child is left over from an earlier run.
         fresh = path.exists() and path.stat().st_mtime >= started
@@ -452,15 +476,84 @@ def run_backend_subprocesses(
     return documents, failures
 
 
-def merge_documents(suite, documents, failures, quick):
-    """Merges per-backend result documents into one (module docstring)."""
+def child_environment(backend, **variables):
+    """Environment of a child process that runs `backend`.
+
+    The repository root goes on `PYTHONPATH`, so that `python -m benchmarks`
+    works in the child from any working directory.
+
+    Args:
+        backend: The child's `KERAS_BACKEND`.
+        **variables: More environment variables to set.
+    """
+    environment = dict(os.environ, KERAS_BACKEND=backend, **variables)
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    repository_root = str(Path(__file__).resolve().parent.parent)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [repository_root, environment.get("PYTHONPATH")])
+    )
+    return environment
+
+
+def run_on_backends(
+    suite, suite_arguments, output_dir, quick, report=None, backends=BACKENDS
+):
+    """Runs a suite once per backend, then merges and reports the results.
+
+    Returns:
+        The merged document (see `save_merged`).
+    """
+    start = time.perf_counter()
+    metadata = collect_metadata(suite, quick)
+    documents, failures = run_backend_subprocesses(
+        suite, suite_arguments, backends, output_dir, quick
+    )
+    return save_merged(documents, failures, output_dir, metadata, report, start)
+
+
+def save_merged(documents, failures, output_dir, metadata, report, start_time):
+    """Merges per-backend documents and writes `<suite>_all.*`.
+
+    Args:
+        documents: Result documents of the backends that succeeded.
+        failures: Error dicts of the backends that failed.
+        output_dir: Where to write.
+        metadata: `collect_metadata(suite, quick)` of the parent process,
+            collected when the run started.
+        report: `report(document, output_dir, stem)` writing the table and
+            plot, or `None` for the JSON only.
+        start_time: `time.perf_counter()` when the run started.
+
+    Returns:
+        The merged document; `failed_backends` lists the backends whose
+        process failed.
+    """
+    suite = metadata["suite"]
+    merged = merge_documents(documents, failures, metadata)
+    finish_metadata(merged["metadata"], start_time)
+    write_json(result_path(output_dir, suite, "all", ".json"), merged)
+    if report is not None:
+        report(merged, output_dir, f"{suite}_all")
+    print(f"Merged results: {result_path(output_dir, suite, 'all', '.*')}")
+    return merged
+
+
+def merge_documents(documents, failures, metadata):
+    """Merges per-backend result documents into one (module docstring).
+
+    Args:
+        documents: Result documents of the backends that succeeded.
+        failures: Error dicts of the backends that failed.
+        metadata: Metadata of the process that merges.
+    """
     merged = {
-        "suite": suite,
-        "metadata": collect_metadata(suite, quick),
+        "suite": metadata["suite"],
+        "metadata": metadata,
         "backends": {},
         "config": {},
         "rows": [],
         "errors": list(failures),
+        "failed_backends": [failure["backend"] for failure in failures],
     }
     for document in documents:
         merged["backends"].update(document["backends"])
@@ -564,9 +657,7 @@ def time_alternating(
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {
-        name: TimingStats.from_samples(samples[name]) for name in names
-    }
+    return {name: TimingStats.from_samples(samples[name]) for name in names}
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Speed and memory of collaborative vs. Keras multi-head attention.
 
-Times `CollaborativeMultiHeadAttention` against `keras.layers.MultiHeadAttention`
-at the shape of a BERT-base attention layer (model width 768, 12 heads of
-size 64), self-attention without mask, float32, forward and forward+backward,
+Times `CollaborativeMultiHeadAttention` against Keras' `MultiHeadAttention` at
+the shape of a BERT-base attention layer (model width 768, 12 heads of size
+64), self-attention without mask, float32, forward and forward+backward,
 for several shared key sizes D̃. Each pass is compiled where the backend
 compiles (see `benchmarks.attention_steps`). All layers of one group (same
 backend, variant, sequence length and mode) are timed in alternation in one
@@ -92,6 +92,12 @@ def add_arguments(parser):
         "accelerator, 2 with --quick).",
     )
     parser.add_argument(
+        "--memory-shared-key-dims",
+        type=_int_list,
+        default=None,
+        help="D̃ whose peak memory is measured (default: those timed).",
+    )
+    parser.add_argument(
         "--no-memory",
         action="store_true",
         help="Skip the peak-memory measurements.",
@@ -100,8 +106,8 @@ def add_arguments(parser):
         "--deadline-s",
         type=float,
         default=None,
-        help="Start no new measurement after this many seconds; the rest is "
-        "recorded as skipped.",
+        help="Start no new timing group after this many seconds; the rest is "
+        "recorded as skipped. The memory probe runs whatever the time.",
     )
 
 
@@ -179,11 +185,12 @@ def resolve_config(args, backend, accelerator_kind):
     timing = dict(TIMING[timing_key])
     if args.budget_s is not None:
         timing["budget_s"] = args.budget_s
-    default_seq_lens = (
-        (128,)
-        if args.quick
-        else ACCELERATOR_SEQ_LENS if on_accelerator else CPU_SEQ_LENS
-    )
+    if args.quick:
+        default_seq_lens = (128,)
+    elif on_accelerator:
+        default_seq_lens = ACCELERATOR_SEQ_LENS
+    else:
+        default_seq_lens = CPU_SEQ_LENS
     shared_key_dims = args.shared_key_dims or (
         [TARGET_SHARED_KEY_DIM] if args.quick else list(FULL_SHARED_KEY_DIMS)
     )
@@ -211,6 +218,9 @@ def resolve_config(args, backend, accelerator_kind):
         "torch_compile_shared_key_dims": compiled_dims,
         "timing": timing,
         "memory": not args.no_memory,
+        "memory_shared_key_dims": list(
+            args.memory_shared_key_dims or shared_key_dims
+        ),
         "deadline_s": args.deadline_s,
         "dtype": "float32",
     }
@@ -218,6 +228,11 @@ def resolve_config(args, backend, accelerator_kind):
 
 def main(args):
     start = time.perf_counter()
+    # The memory probe runs in another process on the same accelerator: this
+    # one must not reserve all of its memory up front, as JAX and TensorFlow
+    # do by default.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     # Imported here: the backend must be chosen before Keras is imported.
     import keras
 
@@ -230,7 +245,10 @@ def main(args):
 
     _measure_speed(document, config, backend, accelerator, deadline)
     if config["memory"]:
-        _measure_memory(document, config, backend, accelerator, deadline)
+        from benchmarks import attention_steps
+
+        attention_steps.release_cached_memory()
+        _measure_memory(document, config, backend, accelerator)
 
     common.finish_metadata(metadata, start)
     common.write_json(
@@ -252,7 +270,9 @@ class _Deadline:
 
 
 def _layer_name(shared_key_dim):
-    return "mha" if shared_key_dim is None else f"collaborative_{shared_key_dim}"
+    return (
+        "mha" if shared_key_dim is None else f"collaborative_{shared_key_dim}"
+    )
 
 
 def _measure_speed(document, config, backend, accelerator, deadline):
@@ -370,7 +390,7 @@ def _speed_rows(where, config, accelerator, dims, stats, compile_s):
     return rows
 
 
-def _measure_memory(document, config, backend, accelerator, deadline):
+def _measure_memory(document, config, backend, accelerator):
     """Runs the memory probe, in one process or one process per layer.
 
     A fresh process per layer is needed where the peak cannot be reset (see
@@ -386,27 +406,19 @@ def _measure_memory(document, config, backend, accelerator, deadline):
             "batch_size": config["batch_size"],
         }
         for seq_len in config["seq_lens"]
-        for dim in [None, *config["shared_key_dims"]]
+        for dim in [None, *config["memory_shared_key_dims"]]
     ]
     batches = [items] if tracker.resettable else [[item] for item in items]
-    environment = dict(os.environ, KERAS_BACKEND=backend)
-    if accelerator["kind"] == "cpu":
-        environment.update(common.CPU_MEMORY_ENVIRONMENT)
+    on_cpu = accelerator["kind"] == "cpu"
+    environment = common.child_environment(
+        backend, **(common.CPU_MEMORY_ENVIRONMENT if on_cpu else {})
+    )
     for batch in batches:
-        if deadline.passed():
-            document["errors"].append(
-                {
-                    "backend": backend,
-                    "mode": MEMORY_MODE,
-                    "message": f"memory of {len(batch)} layer(s) skipped: "
-                    "--deadline-s reached",
-                }
-            )
-            continue
         document["rows"].extend(_run_memory_probe(batch, environment, document))
 
 
 def _run_memory_probe(items, environment, document):
+    """Runs `benchmarks.memory_probe` on `items`; returns its rows."""
     with tempfile.TemporaryDirectory() as directory:
         output = os.path.join(directory, "memory.json")
         command = [

@@ -15,6 +15,7 @@ Results: `training_<backend>.{json,md,png}`, or `training_all.*` for
 """
 
 import math
+import os
 import time
 
 import numpy as np
@@ -30,10 +31,10 @@ VARIANTS = ("concatenated", "collaborative")
 FULL = {
     "total_key_dims": [128, 64, 32, 16],
     "seeds": [0, 1],
-    "steps": 150,
-    "batch_size": 32,
+    "steps": 200,
+    "batch_size": 16,
     "seq_len": 64,
-    "validation_windows": 512,
+    "validation_windows": 256,
 }
 QUICK = {
     "total_key_dims": [64, 16],
@@ -207,10 +208,10 @@ def report(document, output_dir, stem):
     """Writes the Markdown tables and the plot of a result document."""
     summary = summarize(document["rows"])
     common.write_text(
-        f"{output_dir}/{stem}.md", _markdown(document, summary)
+        os.path.join(output_dir, f"{stem}.md"), _markdown(document, summary)
     )
     if summary:
-        _plot(summary, f"{output_dir}/{stem}.png")
+        _plot(summary, os.path.join(output_dir, f"{stem}.png"))
 
 
 def _markdown(document, summary):
@@ -307,9 +308,10 @@ def _time_cell(entry):
 def _difference(collaborative, concatenated):
     if collaborative is None or concatenated is None:
         return None
-    return (
-        f"{collaborative['validation_loss'] - concatenated['validation_loss']:+.4f}"
+    difference = (
+        collaborative["validation_loss"] - concatenated["validation_loss"]
     )
+    return f"{difference:+.4f}"
 
 
 def _runs_table(rows):

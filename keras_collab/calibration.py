@@ -54,7 +54,7 @@ def _sentences(text):
         for sentence in _SENTENCE_END.split(flat):
             words = sentence.split()
             if (
-                8 <= len(words) <= 60
+                8 <= len(words) <= 40
                 and sentence[0].isupper()
                 and sentence.endswith(".")
                 and sentence.isascii()
