@@ -21,22 +21,34 @@ from keras_collab.progress import progress_bar
 
 
 def _recorded_inputs(model, layer, batches):
+    """Query, key and mask arrays the layer sees, padded to one length.
+
+    Padded positions are masked out, so they carry no signal: a padded
+    query row is fully masked and has the same (uniform) attention in the
+    teacher and the student.
+    """
     with record_attention_inputs({"layer": layer}) as records:
         for batch in batches:
             model(batch, training=False)
     calls = records["layer"]
-    query = np.concatenate([q for q, _, _ in calls])
-    key = np.concatenate([k for _, k, _ in calls])
-    masks = [
-        np.broadcast_to(
-            np.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
-            if m is None
-            else m,
-            (q.shape[0], q.shape[1], k.shape[1]),
+    queries = max(q.shape[1] for q, _, _ in calls)
+    keys = max(k.shape[1] for _, k, _ in calls)
+
+    def pad(x, length):
+        return np.pad(x, [(0, 0), (0, length - x.shape[1]), (0, 0)])
+
+    masks = []
+    for q, k, m in calls:
+        full = np.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
+        m = full if m is None else np.broadcast_to(m, full.shape)
+        masks.append(
+            np.pad(m, [(0, 0), (0, queries - q.shape[1]), (0, keys - k.shape[1])])
         )
-        for q, k, m in calls
-    ]
-    return query, key, np.concatenate(masks)
+    return (
+        np.concatenate([pad(q, queries) for q, _, _ in calls]),
+        np.concatenate([pad(k, keys) for _, k, _ in calls]),
+        np.concatenate(masks),
+    )
 
 
 def _probabilities(layer, query, key, mask, batch_size):
