@@ -70,6 +70,26 @@ class AttentionConversion:
     qk_params_after: int
 
 
+def as_statistics(calibration):
+    """`AttentionStatistics` from statistics or from raw input activations."""
+    if isinstance(calibration, AttentionStatistics):
+        return calibration
+    if isinstance(calibration, (tuple, list)) and len(calibration) == 2:
+        query, key = (np.asarray(keras.ops.convert_to_numpy(x)) for x in calibration)
+    else:
+        query = key = np.asarray(keras.ops.convert_to_numpy(calibration))
+    if query.ndim != 3 or key.ndim != 3:
+        raise ValueError(
+            "`calibration` activations must have shape (N, T, D). Received "
+            f"shapes {query.shape} and {key.shape}."
+        )
+    return AttentionStatistics(
+        query_moment=decomposition.second_moment(query),
+        key_moment=decomposition.second_moment(key, center_per_sequence=True),
+        tokens=query.shape[0] * query.shape[1],
+    )
+
+
 def full_shared_key_dim(mha):
     """`num_heads * key_dim`: the D̃ at which collaboration is exact."""
     return mha.num_heads * mha.key_dim
@@ -176,9 +196,11 @@ def convert_attention(
         shared_key_dim: D̃: `None` for full size (exact), an integer, or a
             fraction of `num_heads * key_dim`. Ignored when `target_error`
             is given.
-        calibration: Optional `AttentionStatistics` of the layer's real
-            inputs. With it the decomposition minimises the error of the
-            logits on that data instead of the error of the weights.
+        calibration: Optional description of the layer's real inputs: an
+            `AttentionStatistics`, an array of self-attention inputs
+            `(N, T, D)`, or a `(query_inputs, key_inputs)` pair for
+            cross-attention. With it the decomposition minimises the error
+            of the logits on that data instead of the error of the weights.
         target_error: Optional float in (0, 1): pick the smallest D̃ (a
             multiple of `key_dim`) whose relative error meets it.
         layer_class: The collaborative class to build (a subclass of
@@ -219,6 +241,7 @@ def convert_attention(
     query_kernels, key_kernels = per_head_kernels(mha)
     weights = {}
     if calibration is not None:
+        calibration = as_statistics(calibration)
         weights = dict(
             query_weight=calibration.query_moment,
             key_weight=calibration.key_moment,

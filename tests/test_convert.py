@@ -331,3 +331,21 @@ def test_refinement_needs_calibration():
     backbone, _ = _backbones()["bert"]
     with pytest.raises(ValueError, match="calibration_data"):
         convert_model(backbone, shared_key_dim=2, refine_steps=5)
+
+
+def test_from_multi_head_attention_with_raw_calibration_inputs():
+    mha = _mha(num_heads=4, key_dim=4, width=16)
+    scale = np.ones(16, dtype="float32")
+    scale[:3] = 10.0
+    x = (RNG.normal(size=(8, 6, 16)) * scale).astype("float32")
+    reference = _outputs(mha, x)
+    plain = CollaborativeMultiHeadAttention.from_multi_head_attention(
+        mha, shared_key_dim=6
+    )
+    aware = CollaborativeMultiHeadAttention.from_multi_head_attention(
+        mha, shared_key_dim=6, calibration=x
+    )
+    error = lambda layer: np.abs(_outputs(layer, x) - reference).mean()
+    assert error(aware) < error(plain)
+    with pytest.raises(ValueError, match="calibration"):
+        convert_attention(mha, shared_key_dim=6, calibration=x[0])
