@@ -85,6 +85,13 @@ def _parser():
         help="gradient steps per layer matching the original attention",
     )
     convert.add_argument(
+        "--refine-objective",
+        choices=("attention", "output"),
+        default="attention",
+        help="what refinement matches: attention probabilities (KL) or "
+        "layer outputs (squared error)",
+    )
+    convert.add_argument(
         "--no-calibration",
         action="store_true",
         help="decompose the weights alone (not activation-aware)",
@@ -168,6 +175,7 @@ def convert(args):
         calibration_data=calibration,
         target_error=args.target_error,
         refine_steps=args.refine_steps,
+        refine_objective=args.refine_objective,
         progress=not args.json,
     )
     fidelity = presets.fidelity(loaded.backbone, result.model, held_out)
@@ -206,6 +214,7 @@ def _conversion_report(args, source, output, result, fidelity):
         else (args.calibration or "builtin corpus"),
         "samples": 0 if args.no_calibration else args.samples,
         "refine_steps": args.refine_steps,
+        "refine_objective": args.refine_objective if args.refine_steps else None,
         "target_error": args.target_error,
         "layers": layers,
         "qk_params_before": before,

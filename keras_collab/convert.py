@@ -83,6 +83,7 @@ def convert_model(
     target_error=None,
     refine_steps=0,
     refine_learning_rate=1e-3,
+    refine_objective="attention",
     seed=0,
     tol=1e-6,
     max_iter=300,
@@ -105,6 +106,9 @@ def convert_model(
             layer's attention to the original's on calibration inputs, layer
             after layer (needs `calibration_data`).
         refine_learning_rate: Adam learning rate of the refinement.
+        refine_objective: `"attention"` (KL divergence of the attention
+            probabilities) or `"output"` (squared error of the layer
+            outputs); see `keras_collab.refinement.refine_layer`.
         seed: Seed of decomposition and refinement (results are
             deterministic for a given backend).
         tol: Relative improvement under which the decomposition stops.
@@ -160,6 +164,7 @@ def convert_model(
             calibration_data,
             steps=refine_steps,
             learning_rate=refine_learning_rate,
+            objective=refine_objective,
             seed=seed,
             progress=progress,
         )

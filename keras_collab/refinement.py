@@ -51,45 +51,75 @@ def _recorded_inputs(model, layer, batches):
     )
 
 
-def _probabilities(layer, query, key, mask, batch_size):
+OBJECTIVES = ("attention", "output")
+
+
+def _attend(layer, query, key, mask, objective):
+    output, scores = layer(
+        query,
+        key,
+        key=key,
+        attention_mask=mask,
+        return_attention_scores=True,
+    )
+    return scores if objective == "attention" else output
+
+
+def _teacher_targets(layer, query, key, mask, objective, batch_size):
     chunks = []
     for start in range(0, len(query), batch_size):
         part = slice(start, start + batch_size)
-        _, scores = layer(
-            query[part],
-            key[part],
-            key=key[part],
-            attention_mask=mask[part],
-            return_attention_scores=True,
+        chunks.append(
+            keras.ops.convert_to_numpy(
+                _attend(layer, query[part], key[part], mask[part], objective)
+            )
         )
-        chunks.append(keras.ops.convert_to_numpy(scores))
     return np.concatenate(chunks)
 
 
-def _scores_model(layer, query, key, mask):
+def _student_model(layer, query, key, mask, objective):
     query_input = keras.Input(query.shape[1:])
     key_input = keras.Input(key.shape[1:])
     mask_input = keras.Input(mask.shape[1:], dtype="bool")
-    _, scores = layer(
-        query_input,
-        key_input,
-        key=key_input,
-        attention_mask=mask_input,
-        return_attention_scores=True,
-    )
-    return keras.Model([query_input, key_input, mask_input], scores)
+    outputs = _attend(layer, query_input, key_input, mask_input, objective)
+    return keras.Model([query_input, key_input, mask_input], outputs)
 
 
 def refine_layer(
-    teacher, student, query, key, mask, *, steps, learning_rate, batch_size=16
+    teacher,
+    student,
+    query,
+    key,
+    mask,
+    *,
+    steps,
+    learning_rate,
+    objective="attention",
+    batch_size=16,
 ):
-    """Fits `student`'s query/key side to `teacher`'s attention in place.
+    """Fits `student`'s query/key side to `teacher` in place.
+
+    Args:
+        teacher: The original attention layer.
+        student: The converted layer; its query/key side is trained.
+        query, key, mask: Inputs the layer sees, `(N, T, D)`, `(N, S, D)`,
+            `(N, T, S)`.
+        steps: About how many optimizer steps.
+        learning_rate: Adam learning rate.
+        objective: `"attention"`: KL divergence from the teacher's to the
+            student's attention probabilities. `"output"`: squared error of
+            the layer outputs over real query tokens, which ignores
+            probability errors between keys carrying similar values.
+        batch_size: Sequences per step.
 
     Returns:
-        `{"loss_before", "loss_after"}`: mean KL divergence from the
-        teacher's to the student's probabilities on these inputs.
+        `{"loss_before", "loss_after"}` on these inputs.
     """
-    target = _probabilities(teacher, query, key, mask, batch_size)
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"`objective` must be one of {OBJECTIVES}. Received: {objective}"
+        )
+    target = _teacher_targets(teacher, query, key, mask, objective, batch_size)
     # Train a twin, then copy its weights back: the JAX trainer donates the
     # buffers of the variables it trains, which the model around `student`
     # still uses.
@@ -100,25 +130,41 @@ def refine_layer(
     twin.output_dense.trainable = False
     if getattr(twin, "_gate_dense", None) is not None:
         twin._gate_dense.trainable = False
-    model = _scores_model(twin, query, key, mask)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.KLDivergence(),
-    )
+    model = _student_model(twin, query, key, mask, objective)
+    if objective == "attention":
+        loss, weights = keras.losses.KLDivergence(), None
+    else:
+        # Padded query rows (no key to attend to) carry no signal.
+        loss, weights = keras.losses.MeanSquaredError(), mask.any(axis=-1)
+        weights = weights.astype("float32")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
     inputs = [query, key, mask]
-    before = model.evaluate(inputs, target, batch_size=batch_size, verbose=0)
+
+    def evaluate():
+        return float(
+            model.evaluate(
+                inputs,
+                target,
+                sample_weight=weights,
+                batch_size=batch_size,
+                verbose=0,
+            )
+        )
+
+    before = evaluate()
     batches_per_epoch = math.ceil(len(query) / batch_size)
     model.fit(
         inputs,
         target,
+        sample_weight=weights,
         batch_size=batch_size,
         epochs=max(1, round(steps / batches_per_epoch)),
         shuffle=True,
         verbose=0,
     )
-    after = model.evaluate(inputs, target, batch_size=batch_size, verbose=0)
+    after = evaluate()
     student.set_weights(twin.get_weights())
-    return {"loss_before": float(before), "loss_after": float(after)}
+    return {"loss_before": before, "loss_after": after}
 
 
 def refine_layers(
@@ -129,6 +175,7 @@ def refine_layers(
     *,
     steps,
     learning_rate=1e-3,
+    objective="attention",
     seed=0,
     progress=False,
 ):
@@ -141,6 +188,7 @@ def refine_layers(
         calibration_data: A batch or list of batches `converted` accepts.
         steps: About how many optimizer steps per layer.
         learning_rate: Adam learning rate.
+        objective: `"attention"` or `"output"`, see `refine_layer`.
         seed: Seed of the shuffling.
         progress: Whether to show a progress bar.
 
@@ -166,5 +214,6 @@ def refine_layers(
             mask,
             steps=steps,
             learning_rate=learning_rate,
+            objective=objective,
         )
     return results
