@@ -27,6 +27,9 @@ SUITES = {
     "layer_speed": "benchmarks.layer_speed",
     "training": "benchmarks.training",
     "gpu": "benchmarks.gpu",
+    "conversion": "benchmarks.conversion",
+    "fidelity": "benchmarks.fidelity",
+    "pruning": "benchmarks.pruning",
 }
 
 
