@@ -20,11 +20,12 @@ from keras_collab.conversion import AttentionStatistics
 from keras_collab.decomposition import second_moment
 
 # Standard-library modules with long, well-written English docstrings.
+# `inspect` is left out: PyTorch replaces some of its functions at import.
 _CORPUS_MODULES = (
     "argparse", "asyncio", "calendar", "collections", "concurrent.futures",
     "configparser", "contextlib", "csv", "dataclasses", "datetime",
     "decimal", "difflib", "email", "enum", "fractions", "functools",
-    "gettext", "heapq", "http.client", "http.server", "imaplib", "inspect",
+    "gettext", "heapq", "http.client", "http.server", "imaplib",
     "ipaddress", "json", "logging", "mailbox", "multiprocessing", "pathlib",
     "pickle", "pydoc", "queue", "random", "sched", "shutil", "smtplib",
     "socket", "socketserver", "sqlite3", "statistics", "string",
@@ -35,10 +36,23 @@ _CORPUS_MODULES = (
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
+def _defined_in(member, module):
+    """Whether `member` is the module's own, not a replacement patched in.
+
+    Some libraries (PyTorch) replace standard-library functions at import;
+    their docstrings must not leak in, or the corpus would depend on what
+    else is imported.
+    """
+    if getattr(member, "__module__", None) != module.__name__:
+        return False
+    code = getattr(member, "__code__", None)
+    return code is None or code.co_filename == getattr(module, "__file__", None)
+
+
 def _docstrings(module):
     yield inspect.getdoc(module) or ""
     for _, member in inspect.getmembers(module):
-        if getattr(member, "__module__", None) != module.__name__:
+        if not _defined_in(member, module):
             continue
         if inspect.isclass(member) or inspect.isfunction(member):
             yield inspect.getdoc(member) or ""

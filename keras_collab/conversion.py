@@ -313,4 +313,6 @@ def _assign_weights(layer, mha, cp, query_kernels, key_kernels):
         source = getattr(mha, source_name)
         target = getattr(layer, target_name)
         for source_var, target_var in zip(source.weights, target.weights):
-            target_var.assign(source_var)
+            # A copy: on JAX, `assign` would share the source's buffer, which
+            # training the new layer would donate and delete.
+            target_var.assign(np.array(keras.ops.convert_to_numpy(source_var)))

@@ -12,6 +12,7 @@ import dataclasses
 import time
 
 import keras
+import numpy as np
 
 from keras_collab import surgery
 from keras_collab.calibration import attention_statistics
@@ -229,7 +230,7 @@ def _assemble_backbone(backbone, conversions):
     for path, conversion in conversions.items():
         layer = surgery.get_site(new_backbone, path).layer
         for target, source in zip(layer.weights, conversion.layer.weights):
-            target.assign(source)
+            target.assign(_copy_of(source))
             converted_variables.add(id(target))
         placed[path] = dataclasses.replace(conversion, layer=layer)
     original_attention_variables = {
@@ -286,6 +287,15 @@ def _collaborative_task_class(task_cls, collaborative_backbone_cls):
     )
 
 
+def _copy_of(variable):
+    """A value that shares no buffer with `variable`.
+
+    JAX arrays are immutable and `assign` would share the buffer; training
+    the new model donates its buffers, which would delete the source's.
+    """
+    return np.array(keras.ops.convert_to_numpy(variable))
+
+
 def _copy_weights(sources, targets):
     """Assigns `sources` to `targets`, matched by variable path.
 
@@ -311,5 +321,5 @@ def _copy_weights(sources, targets):
                 f"Weight {source.path} has shape {source.shape}, its copy "
                 f"{target.path} has {target.shape}."
             )
-        target.assign(source)
+        target.assign(_copy_of(source))
 

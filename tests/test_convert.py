@@ -357,3 +357,16 @@ def test_from_multi_head_attention_with_raw_calibration_inputs():
     assert error(aware) < error(plain)
     with pytest.raises(ValueError, match="calibration"):
         convert_attention(mha, shared_key_dim=6, calibration=x[0])
+
+
+def test_training_the_converted_model_leaves_the_source_intact():
+    # On JAX, fit() donates weight buffers: the converted model must not
+    # share any with the source.
+    backbone, inputs = _backbones()["bert"]
+    expected = _flat_outputs(backbone, inputs)["sequence_output"]
+    converted = convert_model(backbone, shared_key_dim=4).model
+    model = keras.Model(converted.input, converted.output["sequence_output"])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(inputs, np.zeros_like(expected), epochs=1, verbose=0)
+    actual = _flat_outputs(backbone, inputs)["sequence_output"]
+    np.testing.assert_array_equal(actual, expected)

@@ -1,0 +1,571 @@
+"""Pruning baselines at the key/query budget of collaborative attention.
+
+Is collaborative conversion better than cheaper ways of shrinking the
+query/key side of pretrained attention? At the parameter budget of the
+collaborative layers at D̃ (`shared_key_dim`) = 48, 96 and 192,
+
+    budget per layer = 2·D·D̃ (shared kernels) + D̃ (query bias)
+                       + H·D̃ (mixing) + D·H (content bias),
+
+each baseline is applied to a copy of the real all-MiniLM-L6-v2 and compared
+on the held-out texts (mean/min cosine of mean-pooled embeddings, Spearman
+of pairwise similarities, as the `fidelity` suite):
+
+- `magnitude_keras`: magnitude pruning of every query and key kernel, one
+  threshold per kernel, TFMOT's rule written with `keras.ops` (every backend);
+- `magnitude_tfmot`: the same with TensorFlow Model Optimization itself
+  (`prune_low_magnitude`, `ConstantSparsity`), run in a subprocess
+  (`benchmarks/tfmot_prune.py`) because it needs `tf_keras`; skipped, with
+  the reason recorded, when TFMOT is not installed;
+- `low_rank`: per-head truncated SVD of each head's `W_Q^h W_K^hᵀ`;
+- `collaborative` (activation-aware, the package's default with calibration
+  data) and `collaborative_structured` (no calibration data, like the
+  data-free baselines), recomputed here.
+
+Results: `pruning_<backend>.{json,md,png}`.
+"""
+
+import gc
+import os
+import time
+import warnings
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks import compression
+
+SUITE = "pruning"
+METHODS = (
+    "collaborative",
+    "collaborative_structured",
+    "magnitude_keras",
+    "magnitude_tfmot",
+    "low_rank",
+)
+
+FULL = {
+    "shared_key_dims": [48, 96, 192],
+    "methods": list(METHODS),
+    "tol": 1e-6,
+    "max_iter": 300,
+    "calibration_texts": 256,
+    "held_out_texts": 128,
+    "threads": 1,
+}
+QUICK = {
+    **FULL,
+    "shared_key_dims": [96],
+    "max_iter": 50,
+    "calibration_texts": 32,
+    "held_out_texts": 64,
+}
+
+
+def _integers(text):
+    return [int(value) for value in text.split(",") if value]
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--shared-key-dims",
+        type=_integers,
+        help="Budgets as D̃ values, e.g. 48,96.",
+    )
+    parser.add_argument(
+        "--methods",
+        type=lambda text: [m for m in text.split(",") if m],
+        help=f"Comma-separated subset of {','.join(METHODS)}.",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="BLAS/OpenMP threads (default 1; 0: leave as loaded).",
+    )
+
+
+def resolve_config(args):
+    config = dict(QUICK if args.quick else FULL)
+    for option in ("shared_key_dims", "methods", "threads"):
+        value = getattr(args, option, None)
+        if value is not None:
+            config[option] = value
+    unknown = set(config["methods"]) - set(METHODS)
+    if unknown:
+        raise SystemExit(
+            f"Unknown methods {sorted(unknown)}; choose among {METHODS}."
+        )
+    if config["threads"] == 0:
+        config["threads"] = None
+    return config
+
+
+def main(args):
+    start = time.perf_counter()
+    config = resolve_config(args)
+    config["thread_pools"] = common.limit_cpu_threads(config["threads"])
+    import keras
+
+    from benchmarks import minilm
+
+    backend = keras.backend.backend()
+    metadata = common.collect_metadata(
+        SUITE, args.quick, backend, common.detect_accelerator(backend)
+    )
+    document = common.new_document(SUITE, metadata, config)
+    bench = minilm.load(config["calibration_texts"], config["held_out_texts"])
+    config["minilm"] = minilm.describe(bench)
+    shape = config["minilm"]
+    model_dim, num_heads, key_dim = (
+        shape["model_dim"],
+        shape["num_heads"],
+        shape["key_dim"],
+    )
+    config["original_qk_parameters_per_layer"] = compression.mha_qk_parameters(
+        model_dim, num_heads, key_dim
+    )
+    evaluate = minilm.FidelityEvaluator(bench.backbone, bench.held_out)
+    originals = [minilm.attention_weights(site.layer) for site in bench.sites]
+    methods = config["methods"]
+
+    def record(dim, method, fields):
+        budget = compression.collaborative_qk_parameters(
+            model_dim, num_heads, dim
+        )
+        row = {
+            "backend": backend,
+            "shared_key_dim": dim,
+            "method": method,
+            "budget_per_layer": budget,
+            **fields,
+        }
+        if row.get("parameters_per_layer") is not None:
+            row["budget_ratio"] = row["parameters_per_layer"] / budget
+        document["rows"].append(row)
+        if "mean_cosine" in row:
+            print(
+                f"D̃={dim} {method}: {row['parameters_per_layer']} params/layer "
+                f"(budget {budget}), mean cos {row['mean_cosine']:.6f}, "
+                f"spearman {row['spearman_pairwise']:.5f}",
+                flush=True,
+            )
+        else:
+            print(
+                f"D̃={dim} {method}: skipped ({row.get('skipped')})", flush=True
+            )
+
+    # Collaborative points, recomputed with the package.
+    statistics = None
+    if "collaborative" in methods:
+        statistics = minilm.calibration_statistics(
+            bench.backbone, bench.sites, bench.calibration
+        )
+    for dim in config["shared_key_dims"]:
+        for method, stats in (
+            ("collaborative", statistics),
+            ("collaborative_structured", None),
+        ):
+            if method not in methods:
+                continue
+            model, layers, seconds = minilm.convert(
+                bench.backbone,
+                bench.sites,
+                dim,
+                statistics=stats,
+                tol=config["tol"],
+                max_iter=config["max_iter"],
+            )
+            record(
+                dim,
+                method,
+                {
+                    "parameters_per_layer": int(
+                        np.mean([c.qk_params_after for c in layers.values()])
+                    ),
+                    "method_s": seconds,
+                    **evaluate(model),
+                },
+            )
+            del model
+            gc.collect()
+
+    budgets = {
+        dim: compression.magnitude_budget(
+            model_dim,
+            num_heads,
+            key_dim,
+            compression.collaborative_qk_parameters(model_dim, num_heads, dim),
+        )
+        for dim in config["shared_key_dims"]
+    }
+    config["magnitude_budgets"] = {
+        str(dim): budget for dim, budget in budgets.items()
+    }
+
+    keras_masks = {}
+    if "magnitude_keras" in methods or "magnitude_tfmot" in methods:
+        for dim, budget in budgets.items():
+            began = time.perf_counter()
+            keras_masks[dim] = [
+                {
+                    role: keras.ops.convert_to_numpy(
+                        compression.magnitude_mask(
+                            weights[f"{role}_kernel"], budget["sparsity"]
+                        )
+                    ).astype(bool)
+                    for role in ("query", "key")
+                }
+                for weights in originals
+            ]
+            mask_s = time.perf_counter() - began
+            if "magnitude_keras" in methods:
+                record(
+                    dim,
+                    "magnitude_keras",
+                    _masked_fields(
+                        bench,
+                        evaluate,
+                        originals,
+                        keras_masks[dim],
+                        budget,
+                        mask_s,
+                        num_heads,
+                        key_dim,
+                    ),
+                )
+
+    if "magnitude_tfmot" in methods:
+        from benchmarks import tfmot_prune
+
+        dims = list(budgets)
+        tfmot_masks, info = tfmot_prune.run(
+            originals,
+            num_heads,
+            key_dim,
+            [budgets[dim]["sparsity"] for dim in dims],
+        )
+        config["tfmot"] = info
+        for index, dim in enumerate(dims):
+            if tfmot_masks is None:
+                record(dim, "magnitude_tfmot", {"skipped": info["reason"]})
+                continue
+            masks = [layer[index] for layer in tfmot_masks]
+            mismatches = sum(
+                int(np.sum(masks[layer][role] != keras_masks[dim][layer][role]))
+                for layer in range(len(masks))
+                for role in ("query", "key")
+            )
+            record(
+                dim,
+                "magnitude_tfmot",
+                {
+                    **_masked_fields(
+                        bench,
+                        evaluate,
+                        originals,
+                        masks,
+                        budgets[dim],
+                        info["seconds"] / len(dims),
+                        num_heads,
+                        key_dim,
+                    ),
+                    "mask_entries_differing_from_keras_ops": mismatches,
+                },
+            )
+
+    if "low_rank" in methods:
+        for dim in config["shared_key_dims"]:
+            budget = compression.collaborative_qk_parameters(
+                model_dim, num_heads, dim
+            )
+            total_rank = compression.low_rank_total_rank(model_dim, budget)
+            began = time.perf_counter()
+            copy = minilm.clone_backbone(bench.backbone)
+            all_ranks = []
+            for site, weights in zip(bench.sites, originals):
+                _, singular, _ = compression.head_product_svd(
+                    weights["query_kernel"], weights["key_kernel"]
+                )
+                ranks = compression.allocate_ranks(singular, total_rank)
+                all_ranks.append(ranks.tolist())
+                query, key, query_bias, key_bias = compression.truncate_heads(
+                    weights["query_kernel"],
+                    weights["key_kernel"],
+                    weights["query_bias"],
+                    ranks,
+                )
+                layer = _site_layer(copy, site.path)
+                minilm.set_query_key(layer, query, key, query_bias, key_bias)
+            seconds = time.perf_counter() - began
+            record(
+                dim,
+                "low_rank",
+                {
+                    "parameters_per_layer": compression.low_rank_parameters(
+                        model_dim, all_ranks[0]
+                    ),
+                    "ranks_per_head": all_ranks,
+                    "total_rank_per_layer": total_rank,
+                    "method_s": seconds,
+                    **evaluate(copy),
+                },
+            )
+            del copy
+            gc.collect()
+
+    common.finish_metadata(metadata, start)
+    common.write_json(
+        common.result_path(args.output_dir, SUITE, backend, ".json"), document
+    )
+    report(document, args.output_dir, f"{SUITE}_{backend}")
+    print(f"{SUITE} on {backend}: {metadata['wall_time_s']} s")
+    return 0
+
+
+def _site_layer(model, path):
+    from keras_collab import surgery
+
+    return surgery.get_site(model, path).layer
+
+
+def _masked_fields(
+    bench, evaluate, originals, masks, budget, mask_s, num_heads, key_dim
+):
+    """Applies magnitude masks to a copy of the backbone and evaluates it."""
+    from benchmarks import minilm
+
+    copy = minilm.clone_backbone(bench.backbone)
+    nonzeros = []
+    for site, weights, mask in zip(bench.sites, originals, masks):
+        query = weights["query_kernel"] * mask["query"]
+        key = weights["key_kernel"] * mask["key"]
+        minilm.set_query_key(_site_layer(copy, site.path), query, key)
+        nonzeros.append(int(mask["query"].sum() + mask["key"].sum()))
+    fields = {
+        "parameters_per_layer": int(np.mean(nonzeros)) + num_heads * key_dim,
+        "nonzeros_per_layer": nonzeros,
+        "sparsity": budget["sparsity"],
+        "kept_fraction": float(np.mean(nonzeros))
+        / (2 * masks[0]["query"].size),
+        "method_s": mask_s,
+        **evaluate(copy),
+    }
+    del copy
+    gc.collect()
+    return fields
+
+
+# ---------------------------------------------------------------------------
+# Report (no backend needed)
+# ---------------------------------------------------------------------------
+
+
+def report(document, output_dir, stem):
+    rows = sorted(
+        document["rows"],
+        key=lambda r: (
+            r["backend"],
+            r["shared_key_dim"],
+            METHODS.index(r["method"]),
+        ),
+    )
+    common.write_text(
+        os.path.join(output_dir, f"{stem}.md"), _markdown(document, rows)
+    )
+    if any("mean_cosine" in r for r in rows):
+        _plot(rows, os.path.join(output_dir, f"{stem}.png"))
+
+
+_METHOD_NOTES = {
+    "collaborative": "convert_model(D̃, calibration_data), activation-aware",
+    "collaborative_structured": "convert_model(D̃), no calibration",
+    "magnitude_keras": "magnitude pruning of W_Q, W_K (keras.ops, TFMOT's rule)",
+    "magnitude_tfmot": "magnitude pruning of W_Q, W_K (TFMOT prune_low_magnitude)",
+    "low_rank": "per-head truncated SVD of W_Q^h W_K^hᵀ",
+}
+
+
+def _detail(row):
+    if row["method"].startswith("magnitude"):
+        text = f"kept {row['kept_fraction']:.1%} of kernel entries"
+        if "mask_entries_differing_from_keras_ops" in row:
+            differing = row["mask_entries_differing_from_keras_ops"]
+            text += (
+                "; masks = keras.ops"
+                if differing == 0
+                else f"; {differing} entries differ from keras.ops"
+            )
+        return text
+    if row["method"] == "low_rank":
+        ranks = sorted({r for layer in row["ranks_per_head"] for r in layer})
+        span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        return f"rank {span} per head, Σ_h r_h = {row['total_rank_per_layer']} per layer"
+    return ""
+
+
+def _markdown(document, rows):
+    config = next(iter(document["config"].values()), FULL)
+    quick = " (--quick)" if document["metadata"]["quick"] else ""
+    minilm = config.get("minilm", {})
+    tfmot = config.get("tfmot")
+    if tfmot is None:
+        tfmot_line = "TFMOT: not run."
+    elif "reason" in tfmot:
+        tfmot_line = f"TFMOT: skipped, {tfmot['reason']}."
+    else:
+        versions = ", ".join(
+            f"{k} {v}" for k, v in tfmot.get("versions", {}).items()
+        )
+        tfmot_line = f"TFMOT: {versions}; subprocess {tfmot['seconds']:.0f} s."
+    original = config.get("original_qk_parameters_per_layer")
+    parts = [
+        f"# pruning: baselines at the collaborative key/query budget{quick}",
+        "",
+        f"all-MiniLM-L6-v2 (D = {minilm.get('model_dim', 384)}, H = "
+        f"{minilm.get('num_heads', 12)}, key_dim = {minilm.get('key_dim', 32)}, "
+        f"{minilm.get('layers', 6)} layers); every method changes only the "
+        "query/key side of every attention layer of a copy of the backbone. "
+        f"Fidelity on the held-out texts {minilm.get('held_out_texts', '?')}, "
+        "as in the `fidelity` suite.",
+        "",
+        "Budget per layer at D̃ = the collaborative layer's query/key "
+        "parameters: 2·D·D̃ + D̃ (query bias) + H·D̃ (mixing) + D·H (content "
+        f"bias). The original layer has {original} (2·D·H·key_dim kernels + "
+        "H·key_dim query bias). Key biases are never counted: they add the same "
+        "value to all logits of a query, which softmax cancels.",
+        "",
+        "- magnitude_keras / magnitude_tfmot: the query and key kernels keep "
+        "their largest-magnitude entries, one threshold per kernel, half of "
+        "(budget - query bias) nonzeros each; biases unchanged. TFMOT's rule: "
+        "k = round(size·(1 - sparsity)) in float32, keep |w| >= the k-th "
+        "largest |w| (ties kept). " + tfmot_line,
+        "- low_rank: each head keeps the best rank-r_h approximation of "
+        "W_Q^h W_K^hᵀ (SVD), split as (U S^{1/2})(V S^{1/2})ᵀ, written into "
+        "the first r_h of the head's key_dim columns of the query and key "
+        "kernels, the other columns zero (equivalent to a MultiHeadAttention "
+        "with key_dim = r_h and sqrt(r_h/key_dim) folded into the query "
+        "kernel: the scale 1/sqrt(key_dim) is kept). Σ_h r_h = "
+        "floor(budget / (2·D + 1)), even across heads, the remainder to the "
+        "heads with the largest next singular value. Query bias: least "
+        "squares fit of the content term W_K^h b_Q^h; key bias zero.",
+        f"- collaborative: recomputed with `convert_model` (tol "
+        f"{config['tol']}, max_iter {config['max_iter']}), activation-aware "
+        f"on the calibration texts {minilm.get('calibration_texts', '?')}; "
+        "collaborative_structured without calibration data (data-free, like "
+        "the pruning baselines).",
+        "",
+        common.environment_markdown(document),
+        "## Results",
+        "",
+        common.markdown_table(
+            [
+                "backend",
+                "D̃:",
+                "method",
+                "Q/K params / layer:",
+                "/ budget:",
+                "mean cos:",
+                "min cos:",
+                "Spearman:",
+                "max abs diff:",
+                "detail",
+            ],
+            [
+                (
+                    r["backend"],
+                    r["shared_key_dim"],
+                    r["method"],
+                    r.get("parameters_per_layer"),
+                    (
+                        None
+                        if r.get("budget_ratio") is None
+                        else f"{r['budget_ratio']:.3f}"
+                    ),
+                    *(
+                        (
+                            f"{r['mean_cosine']:.6f}",
+                            f"{r['min_cosine']:.6f}",
+                            f"{r['spearman_pairwise']:.5f}",
+                            r["max_abs_difference"],
+                            _detail(r),
+                        )
+                        if "mean_cosine" in r
+                        else (
+                            None,
+                            None,
+                            None,
+                            None,
+                            f"skipped: {r.get('skipped')}",
+                        )
+                    ),
+                )
+                for r in rows
+            ],
+        ),
+        "",
+        "What each method is: "
+        + "; ".join(
+            f"{method}: {note}" for method, note in _METHOD_NOTES.items()
+        )
+        + ".",
+    ]
+    return "\n".join(parts) + "\n" + common.errors_markdown(document)
+
+
+def _plot(rows, path):
+    figure, axes = common.new_figure(1, 2)
+    styles = dict(zip(METHODS, ("o-", "o--", "s-", "x:", "^-")))
+    backends = sorted({r["backend"] for r in rows})
+    for backend in backends:
+        for method in METHODS:
+            entries = sorted(
+                (
+                    r
+                    for r in rows
+                    if r["backend"] == backend
+                    and r["method"] == method
+                    and "mean_cosine" in r
+                ),
+                key=lambda r: r["shared_key_dim"],
+            )
+            if not entries:
+                continue
+            dims = [r["shared_key_dim"] for r in entries]
+            label = method if len(backends) == 1 else f"{method} ({backend})"
+            axes[0][0].plot(
+                dims,
+                [r["mean_cosine"] for r in entries],
+                styles[method],
+                label=label,
+            )
+            axes[0][1].plot(
+                dims,
+                [max(1.0 - r["mean_cosine"], 1e-9) for r in entries],
+                styles[method],
+                label=label,
+            )
+    for ax, ylabel in zip(
+        axes[0], ("mean cosine to original", "1 - mean cosine (log)")
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget: D̃ of the collaborative layer")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    with warnings.catch_warnings():
+        # A single point gives identical y limits; matplotlib widens them.
+        warnings.simplefilter("ignore", UserWarning)
+        axes[0][1].set_yscale("log")
+    _dimension_ticks(axes[0], sorted({r["shared_key_dim"] for r in rows}))
+    figure.suptitle(
+        "MiniLM held-out fidelity at equal key/query budget", fontsize=10
+    )
+    common.save_figure(figure, path)
+
+
+def _dimension_ticks(axes, dims):
+    import matplotlib.ticker
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(dims))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
