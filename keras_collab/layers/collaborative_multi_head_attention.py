@@ -505,21 +505,26 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 f"attention_mask.shape={mask_shape}"
             )
 
-    def _use_fused_kernel(self, return_attention_scores):
-        """Whether `ops.dot_product_attention` can run this attention.
+    def _use_fused_kernel(self, return_attention_scores, tensor=None):
+        """Whether `ops.dot_product_attention` should run this attention.
 
         The shared key is a single "head" of size D̃ while values keep
         `num_heads` heads of size `value_dim`. PyTorch's fused kernel accepts
-        that (the key head broadcasts, value size may differ); the JAX kernel
-        needs equal key and value head sizes; TensorFlow's needs equal head
-        counts. Elsewhere the einsum path computes the same numbers.
+        that (the key head broadcasts, value size may differ), but on CPU it
+        then runs a generic path that measured slower than the einsum path
+        (benchmarks/layer_speed), so it is used on accelerators or when
+        flash attention is asked for. The JAX kernel needs equal key and
+        value head sizes; TensorFlow's needs equal head counts. Elsewhere the
+        einsum path computes the same numbers.
         """
         if self._dropout > 0.0 or return_attention_scores:
             return False
         backend = keras.backend.backend()
-        return backend == "torch" or (
-            backend == "jax" and self._shared_key_dim == self._value_dim
-        )
+        if backend == "torch":
+            return bool(self._flash_attention) or _prefer_fused_on_torch(
+                tensor
+            )
+        return backend == "jax" and self._shared_key_dim == self._value_dim
 
     def _compute_collaborative_attention(
         self,
@@ -557,7 +562,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         scale = self._inverse_sqrt_key_dim
         mixing = ops.cast(self._mixing, shared_query.dtype)
-        if self._use_fused_kernel(return_attention_scores):
+        if self._use_fused_kernel(return_attention_scores, shared_query):
             return self._fused_attention(
                 shared_query,
                 shared_key,
@@ -782,6 +787,12 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         return output_spec, keras.KerasTensor(
             scores_shape, dtype=self.compute_dtype
         )
+
+
+def _prefer_fused_on_torch(tensor):
+    """Fused attention pays off on PyTorch only on an accelerator."""
+    device = getattr(tensor, "device", None)
+    return getattr(device, "type", "cpu") != "cpu"
 
 
 def _large_negative(dtype):

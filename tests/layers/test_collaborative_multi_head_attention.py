@@ -199,15 +199,21 @@ class TestAgainstNumpyReference:
             output = result[0] if with_scores else result
             assert np.all(np.isfinite(_numpy(output)))
 
-    def test_fused_and_einsum_paths_agree(self):
-        # value_dim == shared_key_dim lets JAX's fused kernel run too.
-        layer = _random_layer(shared_key_dim=5, value_dim=5)
-        query, value = _normal(2, 5, 16), _normal(2, 7, 12)
-        mask = RNG.random((2, 5, 7)) > 0.2
-        fused = layer(query, value, attention_mask=mask)
-        einsum, _ = layer(
-            query, value, attention_mask=mask, return_attention_scores=True
+    @pytest.mark.parametrize("causal", [False, True])
+    def test_fused_and_einsum_paths_agree(self, causal, monkeypatch):
+        # value_dim == shared_key_dim lets JAX's fused kernel run too; on
+        # PyTorch the fused kernel is forced, as on an accelerator.
+        monkeypatch.setattr(
+            "keras_collab.layers.collaborative_multi_head_attention."
+            "_prefer_fused_on_torch",
+            lambda tensor: True,
         )
+        layer = _random_layer(shared_key_dim=5, value_dim=5, value_dim_in=16)
+        query = _normal(2, 5, 16)
+        mask = None if causal else RNG.random((2, 5, 5)) > 0.2
+        kwargs = {"attention_mask": mask, "use_causal_mask": causal}
+        fused = layer(query, query, **kwargs)
+        einsum, _ = layer(query, query, return_attention_scores=True, **kwargs)
         expected_fused = BACKEND in ("torch", "jax")
         assert layer._use_fused_kernel(False) == expected_fused
         np.testing.assert_allclose(_numpy(fused), _numpy(einsum), atol=1e-5)
