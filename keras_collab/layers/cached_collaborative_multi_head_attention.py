@@ -79,7 +79,7 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
         """Shared keys and content logits, laid out as a cache key slot."""
         packed = self._key_dense(key)
         if self._use_content_bias:
-            content = ops.cast(ops.matmul(key, self._content_bias), packed.dtype)
+            content = ops.cast(self._content_logits(key), packed.dtype)
             packed = ops.concatenate([packed, content], axis=-1)
         slot = self._num_heads * self._key_dim
         padding = slot - packed.shape[-1]
@@ -137,9 +137,7 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
                     f"cache_update_index={cache_update_index}"
                 )
             shared_key = self._key_dense(key)
-            content_logits = None
-            if self._use_content_bias:
-                content_logits = ops.matmul(key, self._content_bias)
+            content_logits = self._content_logits(key)
             projected_value = self._value_dense(value)
 
         attention_output, attention_scores = (

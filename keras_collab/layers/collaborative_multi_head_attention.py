@@ -447,10 +447,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         shared_query = self._query_dense(query)
         shared_key = self._key_dense(key)
         projected_value = self._value_dense(value)
-        content_logits = None
-        if self._use_content_bias:
-            # (..., S, D_key_in) @ (D_key_in, H) -> (..., S, H)
-            content_logits = ops.matmul(key, self._content_bias)
+        content_logits = self._content_logits(key)
 
         if standard_layout:
             attention_output, attention_scores = (
@@ -484,6 +481,13 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         if return_attention_scores:
             return attention_output, attention_scores
         return attention_output
+
+    def _content_logits(self, key):
+        """`Y C`: `(..., S, D_key_in) @ (D_key_in, H) -> (..., S, H)`, or
+        `None` without a content bias."""
+        if not self._use_content_bias:
+            return None
+        return ops.matmul(key, self._content_bias)
 
     def _has_standard_layout(self, query):
         return len(query.shape) == 3 and tuple(self._attention_axes) == (1,)
