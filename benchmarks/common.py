@@ -365,6 +365,20 @@ def new_figure(num_rows, num_columns, panel_size=(4.5, 3.5)):
     return figure, axes
 
 
+def label_dimensions(ax, dims):
+    """Ticks the x axis of `ax` at the measured sizes `dims` only.
+
+    On a log-2 axis matplotlib labels the powers of two, as powers; the sizes
+    measured (D̃, total key size) read better as the plain numbers they are.
+    Call it after `set_xscale`, which resets the ticks.
+    """
+    import matplotlib.ticker
+
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(dims))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def read_json(path):
     with open(path) as file:
         return json.load(file)
@@ -452,6 +466,142 @@ def errors_markdown(document):
         message = " ".join(str(error["message"]).split())[:300]
         lines.append(f"- {where}: {message}")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# A suite's options, and its run on the backend of this process
+# ---------------------------------------------------------------------------
+
+
+def integers(text):
+    """Parses an option of comma-separated integers, e.g. `96,192`.
+
+    `""` gives `[]`, so that a list option can be emptied on the command line.
+    """
+    return [int(item) for item in text.split(",") if item.strip()]
+
+
+def add_threads_argument(parser):
+    """Adds `--threads`, the size of the BLAS/OpenMP pools to run with.
+
+    The suites that take it hand it to `limit_cpu_threads`, after turning
+    its 0 into `None`.
+    """
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="BLAS/OpenMP threads (default 1; 0: leave as loaded).",
+    )
+
+
+def config_with_options(args, full, quick, options):
+    """A suite's configuration: its `--quick` or full one, then its options.
+
+    Args:
+        args: The parsed command line; `args.quick` chooses the base.
+        full: The suite's full configuration.
+        quick: Its `--quick` configuration.
+        options: The attributes of `args` that override the configuration
+            key of the same name, or a mapping from such an attribute to the
+            key it overrides. An option that was not given (`None`) keeps
+            the base value.
+
+    Returns:
+        A new dict: `full` and `quick` stay as they are for the next run.
+    """
+    config = dict(quick if args.quick else full)
+    if not isinstance(options, dict):
+        options = {option: option for option in options}
+    for option, key in options.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            config[key] = value
+    return config
+
+
+@dataclasses.dataclass
+class SuiteRun:
+    """A suite measuring on the backend of this process, from `start_run`.
+
+    Attributes:
+        suite: Name of the suite.
+        output_dir: Where its results go.
+        start_time: `time.perf_counter()` when the suite's `main` started.
+        metadata: `collect_metadata` of this process, completed by `finish`.
+        document: The result document (`new_document`) the suite fills.
+    """
+
+    suite: str
+    output_dir: str
+    start_time: float
+    metadata: dict
+    document: dict
+
+    @property
+    def backend(self):
+        return self.metadata["backend"]
+
+    def save(self):
+        """Writes the document as it stands to `<suite>_<backend>.json`.
+
+        Long suites call it as they go, so that an interrupted run keeps what
+        it measured.
+        """
+        return write_json(
+            result_path(self.output_dir, self.suite, self.backend, ".json"),
+            self.document,
+        )
+
+    def finish(self, report):
+        """Completes the metadata, then writes the document and its report.
+
+        Args:
+            report: The suite's `report(document, output_dir, stem)`.
+
+        Returns:
+            0, the exit status of a suite's `main` that got this far.
+        """
+        finish_metadata(self.metadata, self.start_time)
+        self.save()
+        report(self.document, self.output_dir, f"{self.suite}_{self.backend}")
+        print(
+            f"{self.suite} on {self.backend}: {self.metadata['wall_time_s']} s"
+        )
+        return 0
+
+
+def start_run(suite, args, config, start_time, accelerator=None):
+    """Starts a suite's run on the backend of this process.
+
+    Imports Keras: call it from the suite's `main`, once `KERAS_BACKEND` is
+    set.
+
+    Args:
+        suite: Name of the suite.
+        args: The parsed command line (`quick`, `output_dir`).
+        config: What the suite measures; it stays the document's, so that
+            what the suite adds to it later is saved too.
+        start_time: `time.perf_counter()` when the suite's `main` started,
+            so that the wall time includes importing the backend.
+        accelerator: The output of `detect_accelerator`, where the suite
+            already has it.
+
+    Returns:
+        A `SuiteRun` with an empty document.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if accelerator is None:
+        accelerator = detect_accelerator(backend)
+    metadata = collect_metadata(suite, args.quick, backend, accelerator)
+    return SuiteRun(
+        suite=suite,
+        output_dir=args.output_dir,
+        start_time=start_time,
+        metadata=metadata,
+        document=new_document(suite, metadata, config),
+    )
 
 
 # ---------------------------------------------------------------------------

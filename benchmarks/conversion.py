@@ -83,10 +83,6 @@ QUICK = {
 }
 
 
-def _integers(text):
-    return [int(value) for value in text.split(",") if value]
-
-
 def add_arguments(parser):
     parser.add_argument(
         "--max-iter",
@@ -103,22 +99,22 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--shared-key-dims",
-        type=_integers,
+        type=common.integers,
         help="MiniLM D̃ values, e.g. 48,96.",
     )
     parser.add_argument(
         "--parafac-dims",
-        type=_integers,
+        type=common.integers,
         help="MiniLM D̃ values PARAFAC runs at.",
     )
     parser.add_argument(
         "--layers",
-        type=_integers,
+        type=common.integers,
         help="MiniLM layers, e.g. 0,3 (default all).",
     )
     parser.add_argument(
         "--refine-dims",
-        type=_integers,
+        type=common.integers,
         help="D̃ values of convert_model with refinement ('' for none).",
     )
     parser.add_argument(
@@ -128,19 +124,15 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--synthetic-shared-key-dims",
-        type=_integers,
+        type=common.integers,
         help="Synthetic D̃ values.",
     )
     parser.add_argument(
         "--synthetic-parafac-dims",
-        type=_integers,
+        type=common.integers,
         help="Synthetic D̃ values PARAFAC runs at.",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="BLAS/OpenMP threads (default 1; 0: leave as loaded).",
-    )
+    common.add_threads_argument(parser)
 
 
 _OPTIONS = {
@@ -159,11 +151,7 @@ _OPTIONS = {
 
 
 def resolve_config(args):
-    config = dict(QUICK if args.quick else FULL)
-    for option, key in _OPTIONS.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            config[key] = value
+    config = common.config_with_options(args, FULL, QUICK, _OPTIONS)
     if config["threads"] == 0:
         config["threads"] = None
     return config
@@ -173,35 +161,21 @@ def main(args):
     start = time.perf_counter()
     config = resolve_config(args)
     config["thread_pools"] = common.limit_cpu_threads(config["threads"])
-    import keras
-
-    backend = keras.backend.backend()
-    metadata = common.collect_metadata(
-        SUITE, args.quick, backend, common.detect_accelerator(backend)
-    )
-    document = common.new_document(SUITE, metadata, config)
-    rows = document["rows"]
+    run = common.start_run(SUITE, args, config, start)
 
     def record(row):
-        rows.append({"backend": backend, **row})
+        run.document["rows"].append({"backend": run.backend, **row})
         print(_progress_line(row), flush=True)
 
     try:
-        _minilm(config, record, document)
+        _minilm(config, record, run.document)
     except Exception as error:  # recorded; the synthetic part still runs
-        document["errors"].append(
-            {"backend": backend, "part": MINILM, "message": repr(error)}
+        run.document["errors"].append(
+            {"backend": run.backend, "part": MINILM, "message": repr(error)}
         )
         print(f"MiniLM part failed: {error!r}", flush=True)
     _synthetic(config, record)
-
-    common.finish_metadata(metadata, start)
-    common.write_json(
-        common.result_path(args.output_dir, SUITE, backend, ".json"), document
-    )
-    report(document, args.output_dir, f"{SUITE}_{backend}")
-    print(f"{SUITE} on {backend}: {metadata['wall_time_s']} s")
-    return 0
+    return run.finish(report)
 
 
 def _progress_line(row):
@@ -220,7 +194,6 @@ def _progress_line(row):
 
 
 def _minilm(config, record, document):
-    from keras_collab import decomposition
     from keras_collab.conversion import per_head_kernels
     from keras_collab.convert import convert_model
 
@@ -244,82 +217,22 @@ def _minilm(config, record, document):
     for index in layers:
         site = bench.sites[index]
         query_kernels, key_kernels = per_head_kernels(site.layer)
-        weights = {
-            "query_weight": statistics[site.path].query_moment,
-            "key_weight": statistics[site.path].key_moment,
-        }
-
-        def errors(
-            result,
-            query_kernels=query_kernels,
-            key_kernels=key_kernels,
-            weights=weights,
-        ):
-            factors = (result.query_kernel, result.key_kernel, result.mixing)
-            return {
-                "relative_error": decomposition.relative_error(
-                    query_kernels, key_kernels, *factors
-                ),
-                "weighted_error": decomposition.relative_error(
-                    query_kernels, key_kernels, *factors, **weights
-                ),
-            }
-
+        weights = _moment_weights(statistics, site)
         for shared_key_dim in config["minilm_shared_key_dims"]:
-            common_fields = {
-                "model": MINILM,
-                "layer": index,
-                "shared_key_dim": shared_key_dim,
-                **solver,
-            }
-            runs = [
-                (
-                    "structured",
-                    lambda: decomposition.collaborative_cp(
-                        query_kernels, key_kernels, shared_key_dim, **solver
-                    ),
-                ),
-                (
-                    "activation_aware",
-                    lambda: decomposition.collaborative_cp(
-                        query_kernels,
-                        key_kernels,
-                        shared_key_dim,
-                        **weights,
-                        **solver,
-                    ),
-                ),
-            ]
-            if shared_key_dim in config["minilm_parafac_dims"]:
-                runs.insert(
-                    1,
-                    (
-                        "parafac",
-                        lambda: decomposition.reference_parafac(
-                            query_kernels,
-                            key_kernels,
-                            shared_key_dim,
-                            init="random",
-                            seed=0,
-                            tol=config["tol"],
-                            n_iter_max=config["max_iter"],
-                        ),
-                    ),
-                )
-            for method, run in runs:
-                began = time.perf_counter()
-                result = run()
-                seconds = time.perf_counter() - began
-                record(
-                    {
-                        **common_fields,
-                        "method": method,
-                        "seconds": seconds,
-                        "iterations": int(result.iterations),
-                        "converged": bool(result.converged),
-                        **errors(result),
-                    }
-                )
+            _time_decompositions(
+                record,
+                {
+                    "model": MINILM,
+                    "layer": index,
+                    "shared_key_dim": shared_key_dim,
+                    **solver,
+                },
+                query_kernels,
+                key_kernels,
+                solver,
+                parafac=shared_key_dim in config["minilm_parafac_dims"],
+                weights=weights,
+            )
 
     # (d) The whole pipeline, as a user runs it, timed per layer.
     from benchmarks import compression
@@ -358,18 +271,22 @@ def _minilm(config, record, document):
                     "refine_steps": config["refine_steps"],
                     "kl_before": refinement.get("loss_before"),
                     "kl_after": refinement.get("loss_after"),
-                    "relative_error": decomposition.relative_error(
-                        query_kernels, key_kernels, *factors
-                    ),
-                    "weighted_error": decomposition.relative_error(
+                    **_errors(
                         query_kernels,
                         key_kernels,
-                        *factors,
-                        query_weight=statistics[site.path].query_moment,
-                        key_weight=statistics[site.path].key_moment,
+                        factors,
+                        _moment_weights(statistics, site),
                     ),
                 }
             )
+
+
+def _moment_weights(statistics, site):
+    """The layer's activation-aware metric, as `relative_error` takes it."""
+    return {
+        "query_weight": statistics[site.path].query_moment,
+        "key_weight": statistics[site.path].key_moment,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -378,8 +295,6 @@ def _minilm(config, record, document):
 
 
 def _synthetic(config, record):
-    from keras_collab import decomposition
-
     from benchmarks import compression
 
     shape = config["synthetic"]
@@ -389,53 +304,135 @@ def _synthetic(config, record):
             seed=seed, **shape
         )
         for shared_key_dim in config["synthetic_shared_key_dims"]:
-            runs = [
-                (
-                    "structured",
-                    lambda: decomposition.collaborative_cp(
-                        query_kernels, key_kernels, shared_key_dim, **solver
-                    ),
-                )
-            ]
-            if shared_key_dim in config["synthetic_parafac_dims"]:
-                runs.append(
-                    (
-                        "parafac",
-                        lambda: decomposition.reference_parafac(
-                            query_kernels,
-                            key_kernels,
-                            shared_key_dim,
-                            init="random",
-                            seed=0,
-                            tol=config["tol"],
-                            n_iter_max=config["synthetic_max_iter"],
-                        ),
-                    )
-                )
-            for method, run in runs:
-                began = time.perf_counter()
-                result = run()
-                seconds = time.perf_counter() - began
-                record(
-                    {
-                        "model": SYNTHETIC,
-                        "layer": seed,
-                        "shared_key_dim": shared_key_dim,
-                        **solver,
-                        "method": method,
-                        "seconds": seconds,
-                        "iterations": int(result.iterations),
-                        "converged": bool(result.converged),
-                        "relative_error": decomposition.relative_error(
-                            query_kernels,
-                            key_kernels,
-                            result.query_kernel,
-                            result.key_kernel,
-                            result.mixing,
-                        ),
-                        "weighted_error": None,
-                    }
-                )
+            _time_decompositions(
+                record,
+                {
+                    "model": SYNTHETIC,
+                    "layer": seed,
+                    "shared_key_dim": shared_key_dim,
+                    **solver,
+                },
+                query_kernels,
+                key_kernels,
+                solver,
+                parafac=shared_key_dim in config["synthetic_parafac_dims"],
+            )
+
+
+# ---------------------------------------------------------------------------
+# Decompositions of one layer (MiniLM and synthetic)
+# ---------------------------------------------------------------------------
+
+
+def _time_decompositions(
+    record,
+    fields,
+    query_kernels,
+    key_kernels,
+    solver,
+    parafac,
+    weights=None,
+):
+    """Times each method on one layer at one D̃ and records a row each.
+
+    Args:
+        record: Called with each row.
+        fields: What every row starts with: model, layer, D̃ and `solver`.
+        query_kernels: Per-head query kernels of the layer.
+        key_kernels: Per-head key kernels of the layer.
+        solver: `tol` and `max_iter` of every method, PARAFAC's included.
+        parafac: Whether PARAFAC runs (it is slow at large D̃).
+        weights: The layer's activation-aware metric (`_moment_weights`):
+            then `activation_aware` runs too and every error is also
+            measured in that metric. `None` where there are no calibration
+            statistics (the synthetic weights).
+    """
+    runs = _decompositions(
+        query_kernels,
+        key_kernels,
+        fields["shared_key_dim"],
+        solver,
+        parafac,
+        weights,
+    )
+    for method, run in runs:
+        began = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - began
+        factors = (result.query_kernel, result.key_kernel, result.mixing)
+        record(
+            {
+                **fields,
+                "method": method,
+                "seconds": seconds,
+                "iterations": int(result.iterations),
+                "converged": bool(result.converged),
+                **_errors(query_kernels, key_kernels, factors, weights),
+            }
+        )
+
+
+def _decompositions(
+    query_kernels, key_kernels, shared_key_dim, solver, parafac, weights
+):
+    """The `(method, run)` pairs to time, in the order of `METHODS`."""
+    from keras_collab import decomposition
+
+    runs = [
+        (
+            "structured",
+            lambda: decomposition.collaborative_cp(
+                query_kernels, key_kernels, shared_key_dim, **solver
+            ),
+        )
+    ]
+    if parafac:
+        runs.append(
+            (
+                "parafac",
+                lambda: decomposition.reference_parafac(
+                    query_kernels,
+                    key_kernels,
+                    shared_key_dim,
+                    init="random",
+                    seed=0,
+                    tol=solver["tol"],
+                    n_iter_max=solver["max_iter"],
+                ),
+            )
+        )
+    if weights is not None:
+        runs.append(
+            (
+                "activation_aware",
+                lambda: decomposition.collaborative_cp(
+                    query_kernels,
+                    key_kernels,
+                    shared_key_dim,
+                    **weights,
+                    **solver,
+                ),
+            )
+        )
+    return runs
+
+
+def _errors(query_kernels, key_kernels, factors, weights=None):
+    """Relative errors of `factors`, plain and in the metric of `weights`."""
+    from keras_collab import decomposition
+
+    return {
+        "relative_error": decomposition.relative_error(
+            query_kernels, key_kernels, *factors
+        ),
+        "weighted_error": (
+            None
+            if weights is None
+            else decomposition.relative_error(
+                query_kernels, key_kernels, *factors, **weights
+            )
+        ),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -717,8 +714,6 @@ def _markdown(document, summary, comparisons):
 
 
 def _plot(summary, path):
-    import matplotlib.ticker
-
     models = sorted({entry["model"] for entry in summary})
     figure, axes = common.new_figure(2, len(models))
     styles = dict(zip(METHODS, ("o-", "s--", "^-", "v:")))
@@ -769,8 +764,6 @@ def _plot(summary, path):
             dims = sorted(
                 {e["shared_key_dim"] for e in summary if e["model"] == model}
             )
-            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(dims))
-            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            common.label_dimensions(ax, dims)
     figure.suptitle("Conversion time and error vs. D̃", fontsize=10)
     common.save_figure(figure, path)

@@ -23,13 +23,12 @@ Results: `fidelity_<backend>.{json,md,png}`.
 """
 
 import gc
-import os
 import time
-import warnings
 
 import numpy as np
 
 from benchmarks import common
+from benchmarks import minilm_report
 
 SUITE = "fidelity"
 METHODS = (
@@ -84,13 +83,11 @@ QUICK = {
 }
 
 
-def _integers(text):
-    return [int(value) for value in text.split(",") if value]
-
-
 def add_arguments(parser):
     parser.add_argument(
-        "--shared-key-dims", type=_integers, help="D̃ values, e.g. 96,192."
+        "--shared-key-dims",
+        type=common.integers,
+        help="D̃ values, e.g. 96,192.",
     )
     parser.add_argument(
         "--methods",
@@ -100,7 +97,7 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--train-dims",
-        type=_integers,
+        type=common.integers,
         help="D̃ values where refined and distilled run (default 96,192; '' for none).",
     )
     parser.add_argument(
@@ -122,29 +119,25 @@ def add_arguments(parser):
         type=float,
         help="Adam learning rate (default 1e-4).",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="BLAS/OpenMP threads (default 1; 0: leave as loaded).",
-    )
+    common.add_threads_argument(parser)
+
+
+# Command-line options that override the configuration key of their name.
+_OPTIONS = (
+    "shared_key_dims",
+    "methods",
+    "train_dims",
+    "parafac_max_iter",
+    "refine_steps",
+    "refine_learning_rate",
+    "distill_steps",
+    "distill_learning_rate",
+    "threads",
+)
 
 
 def resolve_config(args):
-    config = dict(QUICK if args.quick else FULL)
-    for option in (
-        "shared_key_dims",
-        "methods",
-        "train_dims",
-        "parafac_max_iter",
-        "refine_steps",
-        "refine_learning_rate",
-        "distill_steps",
-        "distill_learning_rate",
-        "threads",
-    ):
-        value = getattr(args, option, None)
-        if value is not None:
-            config[option] = value
+    config = common.config_with_options(args, FULL, QUICK, _OPTIONS)
     unknown = set(config["methods"]) - set(METHODS)
     if unknown:
         raise SystemExit(
@@ -165,15 +158,10 @@ def main(args):
     start = time.perf_counter()
     config = resolve_config(args)
     config["thread_pools"] = common.limit_cpu_threads(config["threads"])
-    import keras
-
+    run = common.start_run(SUITE, args, config, start)
+    # Imported in main only, like Keras, which its functions call.
     from benchmarks import minilm
 
-    backend = keras.backend.backend()
-    metadata = common.collect_metadata(
-        SUITE, args.quick, backend, common.detect_accelerator(backend)
-    )
-    document = common.new_document(SUITE, metadata, config)
     bench = minilm.load(config["calibration_texts"], config["held_out_texts"])
     config["minilm"] = minilm.describe(bench)
     config["minilm"]["load_s"] = round(bench.load_s, 1)
@@ -194,8 +182,12 @@ def main(args):
         for row in _methods_at(
             config, bench, evaluate, statistics, shared_key_dim
         ):
-            row = {"backend": backend, "shared_key_dim": shared_key_dim, **row}
-            document["rows"].append(row)
+            row = {
+                "backend": run.backend,
+                "shared_key_dim": shared_key_dim,
+                **row,
+            }
+            run.document["rows"].append(row)
             print(
                 f"D̃={shared_key_dim} {row['method']}: mean cos {row['mean_cosine']:.6f}, "
                 f"min cos {row['min_cosine']:.6f}, spearman {row['spearman_pairwise']:.5f} "
@@ -203,19 +195,9 @@ def main(args):
                 flush=True,
             )
         # Write as we go: a full run takes minutes.
-        common.write_json(
-            common.result_path(args.output_dir, SUITE, backend, ".json"),
-            document,
-        )
+        run.save()
         gc.collect()
-
-    common.finish_metadata(metadata, start)
-    common.write_json(
-        common.result_path(args.output_dir, SUITE, backend, ".json"), document
-    )
-    report(document, args.output_dir, f"{SUITE}_{backend}")
-    print(f"{SUITE} on {backend}: {metadata['wall_time_s']} s")
-    return 0
+    return run.finish(report)
 
 
 def _methods_at(config, bench, evaluate, statistics, shared_key_dim):
@@ -356,19 +338,7 @@ def targets(rows):
 
 
 def report(document, output_dir, stem):
-    rows = sorted(
-        document["rows"],
-        key=lambda r: (
-            r["backend"],
-            r["shared_key_dim"],
-            METHODS.index(r["method"]),
-        ),
-    )
-    common.write_text(
-        os.path.join(output_dir, f"{stem}.md"), _markdown(document, rows)
-    )
-    if rows:
-        _plot(rows, os.path.join(output_dir, f"{stem}.png"))
+    minilm_report.write(document, output_dir, stem, METHODS, _markdown, _plot)
 
 
 _METHOD_NOTES = {
@@ -389,7 +359,7 @@ def _markdown(document, rows):
     )
     distill_line = (
         f" Distillation took {distillation['steps']} steps, "
-        f"{distillation['fit_s']:.0f} s of `fit` at D̃ = "
+        f"{distillation['fit_s']:.0f} s (teacher outputs, `fit`, losses) at D̃ = "
         f"{next(r['shared_key_dim'] for r in rows if r['method'] == 'distilled')} "
         f"({distillation['trainable_parameters']} trainable parameters)."
         if distillation
@@ -510,63 +480,17 @@ def _targets_table(rows):
 
 
 def _plot(rows, path):
-    figure, axes = common.new_figure(1, 2)
-    styles = dict(zip(METHODS, ("s--", "o-", "^-", "v-", "D-")))
-    backends = sorted({r["backend"] for r in rows})
-    for backend in backends:
-        for method in METHODS:
-            entries = sorted(
-                (
-                    r
-                    for r in rows
-                    if r["backend"] == backend and r["method"] == method
-                ),
-                key=lambda r: r["shared_key_dim"],
-            )
-            if not entries:
-                continue
-            dims = [r["shared_key_dim"] for r in entries]
-            label = method if len(backends) == 1 else f"{method} ({backend})"
-            axes[0][0].plot(
-                dims,
-                [r["mean_cosine"] for r in entries],
-                styles[method],
-                label=label,
-            )
-            axes[0][1].plot(
-                dims,
-                [max(1.0 - r["mean_cosine"], 1e-9) for r in entries],
-                styles[method],
-                label=label,
-            )
-    for ax, ylabel in zip(
-        axes[0], ("mean cosine to original", "1 - mean cosine (log)")
-    ):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("D̃ (shared_key_dim)")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    with warnings.catch_warnings():
-        # A single point gives identical y limits; matplotlib widens them.
-        warnings.simplefilter("ignore", UserWarning)
-        axes[0][1].set_yscale("log")
-    _dimension_ticks(axes[0], sorted({r["shared_key_dim"] for r in rows}))
-    dims_run = {r["shared_key_dim"] for r in rows}
-    for dim, metric, threshold in TARGETS:
-        if metric == "mean_cosine" and dim in dims_run:
-            axes[0][0].plot([dim], [threshold], "k_", markersize=14)
-            axes[0][1].plot([dim], [1 - threshold], "k_", markersize=14)
-    figure.suptitle(
-        "MiniLM held-out fidelity vs. D̃ (black bars: mean-cosine targets)",
-        fontsize=10,
+    minilm_report.plot(
+        rows,
+        path,
+        styles=dict(zip(METHODS, ("s--", "o-", "^-", "v-", "D-"))),
+        xlabel="D̃ (shared_key_dim)",
+        title=(
+            "MiniLM held-out fidelity vs. D̃ (black bars: mean-cosine targets)"
+        ),
+        targets=[
+            (dim, threshold)
+            for dim, metric, threshold in TARGETS
+            if metric == "mean_cosine"
+        ],
     )
-    common.save_figure(figure, path)
-
-
-def _dimension_ticks(axes, dims):
-    import matplotlib.ticker
-
-    for ax in axes:
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(dims))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

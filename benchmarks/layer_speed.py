@@ -64,14 +64,14 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--seq-lens",
-        type=_int_list,
+        type=common.integers,
         default=None,
         help="Comma-separated sequence lengths (default 128,512, plus 2048 "
         "on a GPU or TPU; 128 with --quick).",
     )
     parser.add_argument(
         "--shared-key-dims",
-        type=_int_list,
+        type=common.integers,
         default=None,
         help="Comma-separated shared key sizes D̃ (default 768,384,192,96; "
         "192 with --quick).",
@@ -93,7 +93,7 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--memory-shared-key-dims",
-        type=_int_list,
+        type=common.integers,
         default=None,
         help="D̃ whose peak memory is measured (default: those timed).",
     )
@@ -109,10 +109,6 @@ def add_arguments(parser):
         help="Start no new timing group after this many seconds; the rest is "
         "recorded as skipped. The memory probe runs whatever the time.",
     )
-
-
-def _int_list(text):
-    return [int(item) for item in text.split(",") if item.strip()]
 
 
 # ---------------------------------------------------------------------------
@@ -239,24 +235,16 @@ def main(args):
     backend = keras.backend.backend()
     accelerator = common.detect_accelerator(backend)
     config = resolve_config(args, backend, accelerator["kind"])
-    metadata = common.collect_metadata(SUITE, args.quick, backend, accelerator)
-    document = common.new_document(SUITE, metadata, config)
+    run = common.start_run(SUITE, args, config, start, accelerator)
     deadline = _Deadline(start, config["deadline_s"])
 
-    _measure_speed(document, config, backend, accelerator, deadline)
+    _measure_speed(run.document, config, backend, accelerator, deadline)
     if config["memory"]:
         from benchmarks import attention_steps
 
         attention_steps.release_cached_memory()
-        _measure_memory(document, config, backend, accelerator)
-
-    common.finish_metadata(metadata, start)
-    common.write_json(
-        common.result_path(args.output_dir, SUITE, backend, ".json"), document
-    )
-    report(document, args.output_dir, f"{SUITE}_{backend}")
-    print(f"{SUITE} on {backend}: {metadata['wall_time_s']} s")
-    return 0
+        _measure_memory(run.document, config, backend, accelerator)
+    return run.finish(report)
 
 
 class _Deadline:
@@ -661,15 +649,10 @@ def _plot_seq_len(ax, rows, seq_len, color):
 
 
 def _format_panel(ax, rows, title):
-    import matplotlib.ticker
-
     dims = sorted({row["shared_key_dim"] for row in rows})
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
-    # Label the measured D̃ only, not powers of two.
-    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(dims))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    common.label_dimensions(ax, dims)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("shared key size D̃")
     ax.set_ylabel("collaborative / MHA")

@@ -11,7 +11,6 @@ and copies of the source backbone. Imports Keras: only call it from a suite's
 """
 
 import dataclasses
-import math
 import time
 
 import numpy as np
@@ -330,183 +329,32 @@ def parafac_model(
 
 
 def collaborative_qk_variables(model):
-    """Query/key-side variables of every collaborative layer of `model`:
-    shared query kernel and bias, shared key kernel, mixing, content bias."""
-    from keras_collab import surgery
-    from keras_collab.layers import CollaborativeMultiHeadAttention
+    """Query/key-side variables of every collaborative layer of `model`."""
+    from keras_collab.distillation import query_key_variables
 
-    variables = []
-    sites = surgery.find_attention_sites(
-        model,
-        predicate=lambda layer: isinstance(
-            layer, CollaborativeMultiHeadAttention
-        ),
-    )
-    for site in sites:
-        layer = site.layer
-        candidates = [
-            layer.query_dense.kernel,
-            layer.query_dense.bias,
-            layer.key_dense.kernel,
-            layer.mixing,
-            layer.content_bias,
-        ]
-        variables.extend(v for v in candidates if v is not None)
-    return variables
+    return query_key_variables(model)
 
 
-def freeze_all_but_collaborative_qk(model):
-    """Makes only `collaborative_qk_variables(model)` trainable.
+def distill(teacher, student, batches, *, steps, learning_rate=1e-4, seed=0):
+    """`keras_collab.distill`, timed: adds `fit_s` (seconds of the whole
+    call: teacher outputs, `fit` with its compilation, loss before and
+    after) and the learning rate to its result."""
+    from keras_collab.distillation import distill as package_distill
 
-    Every leaf layer (one without sublayers) is frozen, then the shared
-    query and key projections of the collaborative layers are unfrozen; the
-    mixing and content bias belong to the collaborative layer itself, which
-    stays trainable. Returns the trainable variables.
-    """
-    from keras_collab import surgery
-    from keras_collab.layers import CollaborativeMultiHeadAttention
-
-    for layer in model._flatten_layers(include_self=False):
-        if not list(layer._flatten_layers(include_self=False)):
-            layer.trainable = False
-    for site in surgery.find_attention_sites(
-        model,
-        predicate=lambda layer: isinstance(
-            layer, CollaborativeMultiHeadAttention
-        ),
-    ):
-        site.layer.query_dense.trainable = True
-        site.layer.key_dense.trainable = True
-    expected = {id(v) for v in collaborative_qk_variables(model)}
-    trainable = model.trainable_weights
-    if {id(v) for v in trainable} != expected:
-        raise RuntimeError(
-            "Freezing left other variables trainable: "
-            + ", ".join(v.path for v in trainable if id(v) not in expected)
-        )
-    return trainable
-
-
-def _sequence_output_model(backbone):
-    import keras
-
-    outputs = backbone(backbone.input)
-    if isinstance(outputs, dict):
-        outputs = outputs["sequence_output"]
-    return keras.Model(backbone.input, outputs)
-
-
-def distill(
-    teacher,
-    student,
-    batches,
-    *,
-    steps,
-    learning_rate=1e-4,
-    seed=0,
-):
-    """Fine-tunes `student` toward `teacher` on unlabeled batches, in place.
-
-    Loss: mean squared error between the student's and the teacher's
-    `sequence_output`, over real tokens only (the padding mask is the
-    per-token sample weight, so padded positions weigh zero). Only the
-    collaborative layers' query/key side is trained
-    (`freeze_all_but_collaborative_qk`); Adam; exactly `steps` steps of
-    `Model.fit` on a wrapper model (inputs: the backbone's, output:
-    `sequence_output`), the batches shuffled and cycled. The teacher's
-    outputs are computed once, beforehand.
-
-    Args:
-        teacher: The original backbone (read only).
-        student: The converted backbone; trained in place.
-        batches: Encoded batches (dicts of NumPy arrays), e.g. from
-            `presets.encode` (batched by length, so each has its own shape).
-        steps: Optimizer steps.
-        learning_rate: Adam learning rate.
-        seed: Seed of the batch order.
-
-    Returns:
-        A dict: steps, seconds of `fit` (compilation included), the loss
-        over all batches before and after, the trainable parameter count.
-    """
-    import keras
-
-    from keras_collab import presets
-
-    targets = [presets.sequence_output(teacher, batch) for batch in batches]
-    weights = [batch["padding_mask"].astype("float32") for batch in batches]
-    _own_buffers(student)
-    trainable = freeze_all_but_collaborative_qk(student)
-    wrapper = _sequence_output_model(student)
-    wrapper.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.MeanSquaredError(),
-    )
-
-    def loss_over(dataset_batches):
-        total = count = 0.0
-        for batch, target, weight in dataset_batches:
-            output = presets.sequence_output(student, batch)
-            total += float((((output - target) ** 2).mean(-1) * weight).sum())
-            count += float(weight.sum())
-        return total / max(count, 1.0)
-
-    every = list(zip(batches, targets, weights))
-    before = loss_over(every)
     start = time.perf_counter()
-    history = wrapper.fit(
-        _CycledBatches(every, steps, seed), epochs=1, verbose=0, shuffle=False
+    result = package_distill(
+        teacher,
+        student,
+        batches,
+        steps=steps,
+        learning_rate=learning_rate,
+        seed=seed,
     )
-    fit_s = time.perf_counter() - start
-    after = loss_over(every)
     return {
-        "steps": int(steps),
-        "fit_s": fit_s,
-        "loss_before": before,
-        "loss_after": after,
-        "fit_loss_last": float(history.history["loss"][-1]),
-        "trainable_parameters": int(sum(math.prod(v.shape) for v in trainable)),
+        **result,
+        "fit_s": time.perf_counter() - start,
         "learning_rate": learning_rate,
     }
-
-
-def _own_buffers(model):
-    """Gives every variable of `model` a buffer of its own.
-
-    `convert_model` copies the unconverted weights with `variable.assign`,
-    which on JAX makes the converted model's variables share their arrays
-    with the source model's. JAX's `fit` donates the buffers of every
-    variable it is given, so training the converted model would delete the
-    source's weights ("Array has been deleted"). Assigning host copies
-    breaks the sharing.
-    """
-    import keras
-
-    for variable in model.weights:
-        variable.assign(np.array(keras.ops.convert_to_numpy(variable)))
-
-
-def _CycledBatches(batches, steps, seed):
-    """A `PyDataset` of exactly `steps` batches: shuffled passes over
-    `batches`, one after another."""
-    import keras
-
-    class CycledBatches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__()
-            rng = np.random.default_rng(seed)
-            passes = -(-steps // len(batches))
-            self.order = np.concatenate(
-                [rng.permutation(len(batches)) for _ in range(passes)]
-            )[:steps]
-
-        def __len__(self):
-            return steps
-
-        def __getitem__(self, index):
-            return batches[self.order[index]]
-
-    return CycledBatches()
 
 
 # ---------------------------------------------------------------------------

@@ -26,14 +26,13 @@ Results: `pruning_<backend>.{json,md,png}`.
 """
 
 import gc
-import os
 import time
-import warnings
 
 import numpy as np
 
 from benchmarks import common
 from benchmarks import compression
+from benchmarks import minilm_report
 
 SUITE = "pruning"
 METHODS = (
@@ -62,14 +61,10 @@ QUICK = {
 }
 
 
-def _integers(text):
-    return [int(value) for value in text.split(",") if value]
-
-
 def add_arguments(parser):
     parser.add_argument(
         "--shared-key-dims",
-        type=_integers,
+        type=common.integers,
         help="Budgets as D̃ values, e.g. 48,96.",
     )
     parser.add_argument(
@@ -77,19 +72,13 @@ def add_arguments(parser):
         type=lambda text: [m for m in text.split(",") if m],
         help=f"Comma-separated subset of {','.join(METHODS)}.",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="BLAS/OpenMP threads (default 1; 0: leave as loaded).",
-    )
+    common.add_threads_argument(parser)
 
 
 def resolve_config(args):
-    config = dict(QUICK if args.quick else FULL)
-    for option in ("shared_key_dims", "methods", "threads"):
-        value = getattr(args, option, None)
-        if value is not None:
-            config[option] = value
+    config = common.config_with_options(
+        args, FULL, QUICK, ("shared_key_dims", "methods", "threads")
+    )
     unknown = set(config["methods"]) - set(METHODS)
     if unknown:
         raise SystemExit(
@@ -104,15 +93,11 @@ def main(args):
     start = time.perf_counter()
     config = resolve_config(args)
     config["thread_pools"] = common.limit_cpu_threads(config["threads"])
+    run = common.start_run(SUITE, args, config, start)
     import keras
 
     from benchmarks import minilm
 
-    backend = keras.backend.backend()
-    metadata = common.collect_metadata(
-        SUITE, args.quick, backend, common.detect_accelerator(backend)
-    )
-    document = common.new_document(SUITE, metadata, config)
     bench = minilm.load(config["calibration_texts"], config["held_out_texts"])
     config["minilm"] = minilm.describe(bench)
     shape = config["minilm"]
@@ -133,7 +118,7 @@ def main(args):
             model_dim, num_heads, dim
         )
         row = {
-            "backend": backend,
+            "backend": run.backend,
             "shared_key_dim": dim,
             "method": method,
             "budget_per_layer": budget,
@@ -141,7 +126,7 @@ def main(args):
         }
         if row.get("parameters_per_layer") is not None:
             row["budget_ratio"] = row["parameters_per_layer"] / budget
-        document["rows"].append(row)
+        run.document["rows"].append(row)
         if "mean_cosine" in row:
             print(
                 f"D̃={dim} {method}: {row['parameters_per_layer']} params/layer "
@@ -312,14 +297,7 @@ def main(args):
             )
             del copy
             gc.collect()
-
-    common.finish_metadata(metadata, start)
-    common.write_json(
-        common.result_path(args.output_dir, SUITE, backend, ".json"), document
-    )
-    report(document, args.output_dir, f"{SUITE}_{backend}")
-    print(f"{SUITE} on {backend}: {metadata['wall_time_s']} s")
-    return 0
+    return run.finish(report)
 
 
 def _site_layer(model, path):
@@ -361,19 +339,7 @@ def _masked_fields(
 
 
 def report(document, output_dir, stem):
-    rows = sorted(
-        document["rows"],
-        key=lambda r: (
-            r["backend"],
-            r["shared_key_dim"],
-            METHODS.index(r["method"]),
-        ),
-    )
-    common.write_text(
-        os.path.join(output_dir, f"{stem}.md"), _markdown(document, rows)
-    )
-    if any("mean_cosine" in r for r in rows):
-        _plot(rows, os.path.join(output_dir, f"{stem}.png"))
+    minilm_report.write(document, output_dir, stem, METHODS, _markdown, _plot)
 
 
 _METHOD_NOTES = {
@@ -513,59 +479,10 @@ def _markdown(document, rows):
 
 
 def _plot(rows, path):
-    figure, axes = common.new_figure(1, 2)
-    styles = dict(zip(METHODS, ("o-", "o--", "s-", "x:", "^-")))
-    backends = sorted({r["backend"] for r in rows})
-    for backend in backends:
-        for method in METHODS:
-            entries = sorted(
-                (
-                    r
-                    for r in rows
-                    if r["backend"] == backend
-                    and r["method"] == method
-                    and "mean_cosine" in r
-                ),
-                key=lambda r: r["shared_key_dim"],
-            )
-            if not entries:
-                continue
-            dims = [r["shared_key_dim"] for r in entries]
-            label = method if len(backends) == 1 else f"{method} ({backend})"
-            axes[0][0].plot(
-                dims,
-                [r["mean_cosine"] for r in entries],
-                styles[method],
-                label=label,
-            )
-            axes[0][1].plot(
-                dims,
-                [max(1.0 - r["mean_cosine"], 1e-9) for r in entries],
-                styles[method],
-                label=label,
-            )
-    for ax, ylabel in zip(
-        axes[0], ("mean cosine to original", "1 - mean cosine (log)")
-    ):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("budget: D̃ of the collaborative layer")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    with warnings.catch_warnings():
-        # A single point gives identical y limits; matplotlib widens them.
-        warnings.simplefilter("ignore", UserWarning)
-        axes[0][1].set_yscale("log")
-    _dimension_ticks(axes[0], sorted({r["shared_key_dim"] for r in rows}))
-    figure.suptitle(
-        "MiniLM held-out fidelity at equal key/query budget", fontsize=10
+    minilm_report.plot(
+        rows,
+        path,
+        styles=dict(zip(METHODS, ("o-", "o--", "s-", "x:", "^-"))),
+        xlabel="budget: D̃ of the collaborative layer",
+        title="MiniLM held-out fidelity at equal key/query budget",
     )
-    common.save_figure(figure, path)
-
-
-def _dimension_ticks(axes, dims):
-    import matplotlib.ticker
-
-    for ax in axes:
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(dims))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

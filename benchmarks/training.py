@@ -72,25 +72,18 @@ def add_arguments(parser):
 
 
 def resolve_config(args):
-    config = dict(QUICK if args.quick else FULL)
-    for option in ("steps", "seeds", "total_key_dims"):
-        if getattr(args, option) is not None:
-            config[option] = getattr(args, option)
+    config = common.config_with_options(
+        args, FULL, QUICK, ("steps", "seeds", "total_key_dims")
+    )
     return {**config, "model": dict(MODEL), "optimizer": dict(OPTIMIZER)}
 
 
 def main(args):
     start = time.perf_counter()
-    # Imported here: the backend must be chosen before Keras is imported.
-    import keras
-
-    backend = keras.backend.backend()
-    accelerator = common.detect_accelerator(backend)
     config = resolve_config(args)
     corpus = stdlib_text.load_corpus()
     config["corpus"] = stdlib_text.corpus_description(corpus)
-    metadata = common.collect_metadata(SUITE, args.quick, backend, accelerator)
-    document = common.new_document(SUITE, metadata, config)
+    run = common.start_run(SUITE, args, config, start)
 
     validation = stdlib_text.evenly_spaced_windows(
         corpus.validation, config["seq_len"], config["validation_windows"]
@@ -107,15 +100,8 @@ def main(args):
                 row = _train_once(
                     config, variant, total_key_dim, seed, training, validation
                 )
-                document["rows"].append({"backend": backend, **row})
-
-    common.finish_metadata(metadata, start)
-    common.write_json(
-        common.result_path(args.output_dir, SUITE, backend, ".json"), document
-    )
-    report(document, args.output_dir, f"{SUITE}_{backend}")
-    print(f"{SUITE} on {backend}: {metadata['wall_time_s']} s")
-    return 0
+                run.document["rows"].append({"backend": run.backend, **row})
+    return run.finish(report)
 
 
 def _train_once(config, variant, total_key_dim, seed, training, validation):
@@ -379,13 +365,9 @@ def _plot(summary, path):
 
 
 def _format_panel(ax, summary, backend):
-    import matplotlib.ticker
-
     dims = sorted({entry["total_key_dim"] for entry in summary})
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(dims))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    common.label_dimensions(ax, dims)
     ax.set_title(backend, fontsize=9)
     ax.set_xlabel("total key/query size (H x key_dim, or D̃)")
     ax.set_ylabel("validation loss (nats/char)")

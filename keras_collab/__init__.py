@@ -9,6 +9,7 @@ projections, and tools that re-parametrize pretrained attention into it.
 import importlib.util
 
 from keras_collab.convert import convert_model
+from keras_collab.distillation import distill
 from keras_collab.initializers import ConcatenateMixing
 from keras_collab.layers import CachedCollaborativeMultiHeadAttention
 from keras_collab.layers import CollaborativeMultiHeadAttention
@@ -25,6 +26,7 @@ __all__ = [
     "CachedCollaborativeMultiHeadAttention",
     "CollaborativeMultiHeadAttention",
     "convert_model",
+    "distill",
     "ConcatenateMixing",
     "__version__",
 ]

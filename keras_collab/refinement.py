@@ -61,6 +61,7 @@ def _attend(layer, query, key, mask, objective):
         key=key,
         attention_mask=mask,
         return_attention_scores=True,
+        training=False,
     )
     return scores if objective == "attention" else output
 
@@ -77,12 +78,24 @@ def _teacher_targets(layer, query, key, mask, objective, batch_size):
     return np.concatenate(chunks)
 
 
-def _student_model(layer, query, key, mask, objective):
-    query_input = keras.Input(query.shape[1:])
-    key_input = keras.Input(key.shape[1:])
-    mask_input = keras.Input(mask.shape[1:], dtype="bool")
-    outputs = _attend(layer, query_input, key_input, mask_input, objective)
-    return keras.Model([query_input, key_input, mask_input], outputs)
+class _InferenceAttention(keras.Model):
+    """The student layer on `(query, key, mask)`, in inference mode.
+
+    `fit` calls its model with `training=True`, which would switch on the
+    layer's attention dropout: the student's outputs would be noisy copies
+    of what the teacher's targets were computed without. Passing
+    `training=False` explicitly keeps it off while the weights train.
+    """
+
+    def __init__(self, layer, objective, **kwargs):
+        # TensorFlow rejects the default name, which starts with "_".
+        super().__init__(name="refined_attention", **kwargs)
+        self.layer = layer
+        self.objective = objective
+
+    def call(self, inputs):
+        query, key, mask = inputs
+        return _attend(self.layer, query, key, mask, self.objective)
 
 
 def refine_layer(
@@ -96,6 +109,7 @@ def refine_layer(
     learning_rate,
     objective="attention",
     batch_size=16,
+    teacher_inputs=None,
 ):
     """Fits `student`'s query/key side to `teacher` in place.
 
@@ -111,6 +125,10 @@ def refine_layer(
             the layer outputs over real query tokens, which ignores
             probability errors between keys carrying similar values.
         batch_size: Sequences per step.
+        teacher_inputs: Optional `(query, key, mask)` the teacher sees
+            instead of the student's (same shapes): the original model's
+            own inputs at this layer, so that the student also learns to
+            undo the drift of the layers before it.
 
     Returns:
         `{"loss_before", "loss_after"}` on these inputs.
@@ -119,7 +137,12 @@ def refine_layer(
         raise ValueError(
             f"`objective` must be one of {OBJECTIVES}. Received: {objective}"
         )
-    target = _teacher_targets(teacher, query, key, mask, objective, batch_size)
+    target = _teacher_targets(
+        teacher,
+        *(teacher_inputs or (query, key, mask)),
+        objective,
+        batch_size,
+    )
     # Train a twin, then copy its weights back: the JAX trainer donates the
     # buffers of the variables it trains, which the model around `student`
     # still uses.
@@ -130,7 +153,7 @@ def refine_layer(
     twin.output_dense.trainable = False
     if getattr(twin, "_gate_dense", None) is not None:
         twin._gate_dense.trainable = False
-    model = _student_model(twin, query, key, mask, objective)
+    model = _InferenceAttention(twin, objective)
     if objective == "attention":
         loss, weights = keras.losses.KLDivergence(), None
     else:
@@ -177,6 +200,7 @@ def refine_layers(
     learning_rate=1e-3,
     objective="attention",
     seed=0,
+    targets="converted",
     progress=False,
 ):
     """Refines every converted attention layer, in order, in place.
@@ -190,6 +214,11 @@ def refine_layers(
         learning_rate: Adam learning rate.
         objective: `"attention"` or `"output"`, see `refine_layer`.
         seed: Seed of the shuffling.
+        targets: Where the teacher's targets come from: `"converted"`: the
+            original layer on the inputs the converted model produces (the
+            layer's own error only); `"original"`: the original model's own
+            attention at that layer, so each layer also compensates for the
+            drift of the layers before it.
         progress: Whether to show a progress bar.
 
     Returns:
@@ -206,6 +235,9 @@ def refine_layers(
         teacher = surgery.get_site(original, path).layer
         student = surgery.get_site(converted, path).layer
         query, key, mask = _recorded_inputs(converted, student, batches)
+        teacher_inputs = None
+        if targets == "original":
+            teacher_inputs = _recorded_inputs(original, teacher, batches)
         results[path] = refine_layer(
             teacher,
             student,
@@ -215,5 +247,6 @@ def refine_layers(
             steps=steps,
             learning_rate=learning_rate,
             objective=objective,
+            teacher_inputs=teacher_inputs,
         )
     return results

@@ -1,7 +1,9 @@
+import argparse
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,40 @@ def test_merge_documents_concatenates_backends():
     assert [row["x"] for row in merged["rows"]] == [1, 2]
     assert merged["failed_backends"] == ["tensorflow"]
     assert "tensorflow" in common.errors_markdown(merged)
+
+
+def test_config_with_options_overrides_only_the_options_given():
+    full = {"steps": 100, "seeds": [0, 1], "minilm_layers": None}
+    quick = {**full, "steps": 10}
+    args = argparse.Namespace(quick=True, steps=None, seeds=[2], layers=[0])
+    config = common.config_with_options(args, full, quick, ("steps", "seeds"))
+    assert config == {"steps": 10, "seeds": [2], "minilm_layers": None}
+    assert quick["seeds"] == [0, 1]  # a copy: the next run starts afresh
+    mapped = common.config_with_options(
+        args, full, quick, {"layers": "minilm_layers"}
+    )
+    assert mapped["minilm_layers"] == [0]
+
+
+def test_integers_option_can_be_emptied():
+    assert common.integers("96,192") == [96, 192]
+    assert common.integers("") == []
+
+
+def test_suite_run_saves_document_and_writes_report(tmp_path, capsys):
+    args = argparse.Namespace(quick=True, output_dir=str(tmp_path))
+    config = {"n": 1}
+    run = common.start_run("suite", args, config, time.perf_counter())
+    config["added_later"] = True  # saved too: the document holds config
+    run.document["rows"].append({"backend": run.backend, "x": 1})
+    stems = []
+    status = run.finish(lambda document, output_dir, stem: stems.append(stem))
+    assert status == 0 and stems == [f"suite_{run.backend}"]
+    saved = common.read_json(tmp_path / f"suite_{run.backend}.json")
+    assert saved["rows"] == [{"backend": run.backend, "x": 1}]
+    assert saved["config"][run.backend] == {"n": 1, "added_later": True}
+    assert saved["metadata"]["quick"] and "wall_time_s" in saved["metadata"]
+    assert f"suite on {run.backend}: " in capsys.readouterr().out
 
 
 def test_metadata_describes_the_machine():
