@@ -92,6 +92,13 @@ def _parser():
         "layer outputs (squared error)",
     )
     convert.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="steps of a final distillation of the whole model toward the "
+        "original on the calibration texts",
+    )
+    convert.add_argument(
         "--no-calibration",
         action="store_true",
         help="decompose the weights alone (not activation-aware)",
@@ -125,8 +132,12 @@ def _validate(args):
         raise ValueError("--refine-steps must be >= 0.")
     if args.target_error is not None and not 0 < args.target_error < 1:
         raise ValueError("--target-error must lie in (0, 1).")
+    if args.distill_steps < 0:
+        raise ValueError("--distill-steps must be >= 0.")
     if args.refine_steps and args.no_calibration:
         raise ValueError("--refine-steps needs calibration data.")
+    if args.distill_steps and args.no_calibration:
+        raise ValueError("--distill-steps needs calibration data.")
     if args.calibration and not os.path.isfile(args.calibration):
         raise ValueError(f"Calibration file '{args.calibration}' not found.")
 
@@ -176,6 +187,7 @@ def convert(args):
         target_error=args.target_error,
         refine_steps=args.refine_steps,
         refine_objective=args.refine_objective,
+        distill_steps=args.distill_steps,
         progress=not args.json,
     )
     fidelity = presets.fidelity(loaded.backbone, result.model, held_out)
@@ -215,6 +227,8 @@ def _conversion_report(args, source, output, result, fidelity):
         "samples": 0 if args.no_calibration else args.samples,
         "refine_steps": args.refine_steps,
         "refine_objective": args.refine_objective if args.refine_steps else None,
+        "distill_steps": args.distill_steps,
+        "distillation": result.distillation or None,
         "target_error": args.target_error,
         "layers": layers,
         "qk_params_before": before,

@@ -32,12 +32,14 @@ class ModelConversion:
         seconds: Wall time of the conversion (calibration, decomposition,
             refinement; model loading excluded).
         refinement: `{site path: {"loss_before", "loss_after"}}` when refined.
+        distillation: What `keras_collab.distill` returned, when distilled.
     """
 
     model: keras.Model
     layers: dict
     seconds: float
     refinement: dict = dataclasses.field(default_factory=dict)
+    distillation: dict = dataclasses.field(default_factory=dict)
 
     @property
     def qk_params_before(self):
@@ -85,6 +87,8 @@ def convert_model(
     refine_steps=0,
     refine_learning_rate=1e-3,
     refine_objective="attention",
+    distill_steps=0,
+    distill_learning_rate=1e-4,
     seed=0,
     tol=1e-6,
     max_iter=300,
@@ -110,6 +114,11 @@ def convert_model(
         refine_objective: `"attention"` (KL divergence of the attention
             probabilities) or `"output"` (squared error of the layer
             outputs); see `keras_collab.refinement.refine_layer`.
+        distill_steps: Adam steps of a final distillation of the whole
+            converted model toward the original on the calibration data
+            (`keras_collab.distill`: only the collaborative query/key side
+            trains; needs `calibration_data`).
+        distill_learning_rate: Its learning rate.
         seed: Seed of decomposition and refinement (results are
             deterministic for a given backend).
         tol: Relative improvement under which the decomposition stops.
@@ -138,6 +147,8 @@ def convert_model(
         )
     if refine_steps and calibration_data is None:
         raise ValueError("`refine_steps` needs `calibration_data`.")
+    if distill_steps and calibration_data is None:
+        raise ValueError("`distill_steps` needs `calibration_data`.")
     statistics = {}
     if calibration_data is not None:
         statistics = collect_statistics(model, sites, calibration_data)
@@ -169,11 +180,25 @@ def convert_model(
             seed=seed,
             progress=progress,
         )
+    distillation = {}
+    if distill_steps:
+        from keras_collab.distillation import distill
+
+        distillation = distill(
+            model,
+            converted.model,
+            calibration_data,
+            steps=distill_steps,
+            learning_rate=distill_learning_rate,
+            seed=seed,
+            progress=progress,
+        )
     return ModelConversion(
         model=converted.model,
         layers=converted.layers,
         seconds=time.perf_counter() - start,
         refinement=refinement,
+        distillation=distillation,
     )
 
 

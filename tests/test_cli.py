@@ -65,11 +65,17 @@ def test_convert_tiny_preset_end_to_end(tiny_preset, tmp_path, capsys):
         "32",
         "--sequence-length",
         "32",
+        "--refine-steps",
+        "2",
+        "--distill-steps",
+        "3",
         "--json",
     )
     assert code == 0, err
     report = json.loads(out)
     assert [row["shared_key_dim"] for row in report["layers"]] == [8, 8]
+    assert all("loss_after" in row for row in report["layers"])
+    assert report["distillation"]["steps"] == 3
     assert report["qk_params_after"] < report["qk_params_before"]
     assert 0.5 < report["fidelity"]["mean_cosine"] <= 1.0 + 1e-6
     assert os.path.isfile(os.path.join(output, "config.json"))
@@ -119,6 +125,8 @@ def test_full_rank_conversion_is_exact(tiny_preset, tmp_path, capsys):
         (["convert", "{preset}", "--shared-key-dim", "0"], "positive"),
         (["convert", "{preset}", "--shared-key-dim", "64", "--output", "{out}"], "shared_key_dim"),
         (["convert", "{preset}", "--target-error", "2", "--output", "{out}"], "target-error"),
+        (["convert", "{preset}", "--distill-steps", "-1", "--output", "{out}"], "distill-steps"),
+        (["convert", "{preset}", "--no-calibration", "--distill-steps", "3", "--output", "{out}"], "needs calibration"),
     ],
 )
 def test_bad_input(tiny_preset, tmp_path, capsys, argv, message):
