@@ -109,7 +109,6 @@ def refine_layer(
     learning_rate,
     objective="attention",
     batch_size=16,
-    teacher_inputs=None,
 ):
     """Fits `student`'s query/key side to `teacher` in place.
 
@@ -125,10 +124,6 @@ def refine_layer(
             the layer outputs over real query tokens, which ignores
             probability errors between keys carrying similar values.
         batch_size: Sequences per step.
-        teacher_inputs: Optional `(query, key, mask)` the teacher sees
-            instead of the student's (same shapes): the original model's
-            own inputs at this layer, so that the student also learns to
-            undo the drift of the layers before it.
 
     Returns:
         `{"loss_before", "loss_after"}` on these inputs.
@@ -137,12 +132,7 @@ def refine_layer(
         raise ValueError(
             f"`objective` must be one of {OBJECTIVES}. Received: {objective}"
         )
-    target = _teacher_targets(
-        teacher,
-        *(teacher_inputs or (query, key, mask)),
-        objective,
-        batch_size,
-    )
+    target = _teacher_targets(teacher, query, key, mask, objective, batch_size)
     # Train a twin, then copy its weights back: the JAX trainer donates the
     # buffers of the variables it trains, which the model around `student`
     # still uses.
@@ -200,7 +190,6 @@ def refine_layers(
     learning_rate=1e-3,
     objective="attention",
     seed=0,
-    targets="converted",
     progress=False,
 ):
     """Refines every converted attention layer, in order, in place.
@@ -214,11 +203,6 @@ def refine_layers(
         learning_rate: Adam learning rate.
         objective: `"attention"` or `"output"`, see `refine_layer`.
         seed: Seed of the shuffling.
-        targets: Where the teacher's targets come from: `"converted"`: the
-            original layer on the inputs the converted model produces (the
-            layer's own error only); `"original"`: the original model's own
-            attention at that layer, so each layer also compensates for the
-            drift of the layers before it.
         progress: Whether to show a progress bar.
 
     Returns:
@@ -235,9 +219,6 @@ def refine_layers(
         teacher = surgery.get_site(original, path).layer
         student = surgery.get_site(converted, path).layer
         query, key, mask = _recorded_inputs(converted, student, batches)
-        teacher_inputs = None
-        if targets == "original":
-            teacher_inputs = _recorded_inputs(original, teacher, batches)
         results[path] = refine_layer(
             teacher,
             student,
@@ -247,6 +228,5 @@ def refine_layers(
             steps=steps,
             learning_rate=learning_rate,
             objective=objective,
-            teacher_inputs=teacher_inputs,
         )
     return results
