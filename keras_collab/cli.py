@@ -4,7 +4,11 @@
     keras-collab report DIR
 
 `keras-collab convert` with no SOURCE converts the bundled real
-all-MiniLM-L6-v2 checkpoint: the package's main job.
+all-MiniLM-L6-v2 checkpoint: the package's main job. SOURCE may be any
+KerasHub text model with a `TextClassifierPreprocessor` (BERT-like),
+`CausalLMPreprocessor` (GPT-2-like) or `Seq2SeqLMPreprocessor` (BART-like);
+an encoder-decoder is calibrated and evaluated with each text as both its
+encoder and its decoder text (see `keras_collab.presets`).
 """
 
 import argparse
@@ -174,6 +178,11 @@ def convert(args):
     if os.path.abspath(output) == os.path.abspath(source):
         raise ValueError("--output must differ from SOURCE.")
     loaded = presets.load_source(source, args.sequence_length)
+    if args.distill_steps and presets.is_seq2seq(loaded.preprocessor):
+        raise ValueError(
+            "--distill-steps is not supported for encoder-decoder models "
+            f"({type(loaded.backbone).__name__}) yet; use --refine-steps."
+        )
     calibration_texts, held_out_texts = _texts(args)
     calibration = None
     if not args.no_calibration:
@@ -225,6 +234,7 @@ def _conversion_report(args, source, output, result, fidelity):
         if args.no_calibration
         else (args.calibration or "builtin corpus"),
         "samples": 0 if args.no_calibration else args.samples,
+        "sequence_length": args.sequence_length,
         "refine_steps": args.refine_steps,
         "refine_objective": args.refine_objective if args.refine_steps else None,
         "distill_steps": args.distill_steps,
@@ -248,8 +258,12 @@ def report(args):
     import keras_hub
 
     converted = keras_hub.models.Backbone.from_preset(args.directory)
-    original = presets.load_source(stored["source"])
-    preprocessor = presets._load_preprocessor(args.directory, 128)
+    # Reports written before `sequence_length` was recorded: the default.
+    length = presets.fitting_sequence_length(
+        converted, stored.get("sequence_length", 128)
+    )
+    original = presets.load_source(stored["source"], length)
+    preprocessor = presets._load_preprocessor(args.directory, length)
     held_out = presets.encode(
         preprocessor, _texts(argparse.Namespace(calibration=None, samples=stored["samples"] or 256))[1]
     )
@@ -281,15 +295,28 @@ def format_report(report):
         f"({report['qk_params_before'] / report['qk_params_after']:.2f}x fewer)",
         f"Model parameters:     {report['total_params_before']:,} -> "
         f"{report['total_params_after']:,}",
-        f"Fidelity on {fidelity['texts']} held-out texts: mean cosine "
+        _fidelity_line(fidelity, fidelity.get("output")),
+    ]
+    if "encoder" in fidelity:
+        lines.append(_fidelity_line(fidelity["encoder"], "encoder output"))
+    lines.append(
+        f"Conversion time: {report['conversion_seconds']:.1f} s "
+        "(model loading excluded)"
+    )
+    return "\n".join(lines)
+
+
+def _fidelity_line(fidelity, output=None):
+    # "decoder_sequence_output" -> "decoder output"
+    what = output.replace("_sequence_output", " output") if output else ""
+    what = f" ({what.replace('_', ' ')})" if what else ""
+    return (
+        f"Fidelity on {fidelity['texts']} held-out texts{what}: mean cosine "
         f"{fidelity['mean_cosine']:.5f}, min cosine "
         f"{fidelity['min_cosine']:.5f}, Spearman of pairwise similarities "
         f"{fidelity['spearman_pairwise']:.4f}, max |difference| "
-        f"{fidelity['max_abs_difference']:.4g}",
-        f"Conversion time: {report['conversion_seconds']:.1f} s "
-        "(model loading excluded)",
-    ]
-    return "\n".join(lines)
+        f"{fidelity['max_abs_difference']:.4g}"
+    )
 
 
 def main(argv=None):

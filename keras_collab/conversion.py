@@ -100,7 +100,7 @@ def resolve_shared_key_dim(spec, mha):
 
     Args:
         spec: `None` (full size), an integer, or a float in (0, 1] read as a
-            fraction of `num_heads * key_dim`.
+            fraction of `num_heads * key_dim` (1.0: full size).
         mha: The attention layer.
 
     Returns:
@@ -111,13 +111,15 @@ def resolve_shared_key_dim(spec, mha):
         return full
     if isinstance(spec, bool):
         raise ValueError(f"`shared_key_dim` must be a number. Received: {spec}")
-    if isinstance(spec, float) and not float(spec).is_integer():
-        if not 0.0 < spec <= 1.0:
-            raise ValueError(
-                "A fractional `shared_key_dim` must lie in (0, 1]. "
-                f"Received: shared_key_dim={spec}"
-            )
+    # A float in (0, 1] is a fraction, 1.0 included (full size); a whole
+    # float above 1 (e.g. 96.0) is a size.
+    if isinstance(spec, float) and (0.0 < spec <= 1.0):
         return max(1, int(round(spec * full)))
+    if isinstance(spec, float) and not spec.is_integer():
+        raise ValueError(
+            "A fractional `shared_key_dim` must lie in (0, 1]. "
+            f"Received: shared_key_dim={spec}"
+        )
     value = int(spec)
     if not 1 <= value <= full:
         raise ValueError(

@@ -3,12 +3,14 @@
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 
 from keras_collab import cli
 from keras_collab import presets
 from keras_collab.calibration import builtin_corpus
+from keras_collab.surgery import find_attention_sites
 from tests.conftest import BACKEND
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -33,6 +35,52 @@ def tiny_preset(tmp_path_factory):
         intermediate_dim=32,
         max_sequence_length=512,
     )
+    backbone.save_to_preset(str(directory))
+    tokenizer.save_to_preset(str(directory))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_bart_preset(tmp_path_factory):
+    """A small random BART preset with a real byte-level BPE tokenizer.
+
+    The vocabulary holds every byte-level character, so any text tokenizes,
+    and merges that spell out `WORDS` (with their leading space, `Ġ`).
+    """
+    from keras_hub.src.tokenizers.byte_pair_tokenizer import bytes_to_unicode
+
+    directory = tmp_path_factory.mktemp("tiny_bart")
+    tokens = ["<s>", "<pad>", "</s>"] + list(bytes_to_unicode()[1])
+    merges = []
+    for word in WORDS:
+        pieces = ["\u0120"] + list(word)
+        while len(pieces) > 1:
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in tokens:
+                tokens.append(pieces[0])
+    tokenizer = keras_hub.models.BartTokenizer(
+        vocabulary={token: index for index, token in enumerate(tokens)},
+        merges=merges,
+    )
+    backbone = keras_hub.models.BartBackbone(
+        vocabulary_size=len(tokens),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=64,
+    )
+    # KerasHub's small initial weights give near-uniform attention, which
+    # any D̃ reproduces; unit-scale query/key weights make attention peaked,
+    # so that full rank is a real test.
+    rng = np.random.default_rng(0)
+    for site in find_attention_sites(backbone):
+        for dense in (site.layer.query_dense, site.layer.key_dense):
+            for variable in dense.weights:
+                variable.assign(rng.normal(size=variable.shape))
     backbone.save_to_preset(str(directory))
     tokenizer.save_to_preset(str(directory))
     return str(directory)
@@ -164,6 +212,183 @@ def test_calibration_that_tokenizes_to_nothing(tiny_preset, tmp_path, capsys):
         str(tmp_path / "out"),
     )
     assert code != 0 and "no non-empty line" in err
+
+
+BART_SITES = [
+    "transformer_encoder_layer_0/_self_attention_layer",
+    "transformer_decoder_layer_0/_self_attention_layer",
+    "transformer_decoder_layer_0/_cross_attention_layer",
+]
+
+
+def test_encode_seq2seq_trims_encoder_and_decoder(tiny_bart_preset):
+    preprocessor = presets._load_preprocessor(tiny_bart_preset, 64)
+    assert presets.is_seq2seq(preprocessor)
+    texts = ["the file", "a data value of the module object " * 3, "it"]
+    (batch,) = presets.encode(preprocessor, texts)
+    assert sorted(batch) == [
+        "decoder_padding_mask",
+        "decoder_token_ids",
+        "encoder_padding_mask",
+        "encoder_token_ids",
+    ]
+    for prefix in ("encoder_", "decoder_"):
+        mask = batch[prefix + "padding_mask"]
+        assert batch[prefix + "token_ids"].shape == mask.shape
+        # Trimmed by its own mask to a multiple of 16, no real token lost.
+        assert mask.shape[1] % 16 == 0 and mask.shape[1] < 64
+        assert mask[:, -16:].any()
+    # The decoder reads the same text, behind two start markers.
+    assert (
+        batch["decoder_padding_mask"].sum(axis=1)
+        == batch["encoder_padding_mask"].sum(axis=1) + 1
+    ).all()
+    presets.check_nonempty([batch])
+
+
+def test_convert_tiny_bart_end_to_end(
+    tiny_bart_preset, tmp_path, capsys, monkeypatch
+):
+    from keras_collab import convert as convert_module
+
+    # Keep the converted model that the CLI saves, to compare the reload.
+    converted = {}
+    original_convert_model = convert_module.convert_model
+
+    def convert_model(*args, **kwargs):
+        converted["result"] = result = original_convert_model(*args, **kwargs)
+        return result
+
+    monkeypatch.setattr(convert_module, "convert_model", convert_model)
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(
+        "\n".join(builtin_corpus(40)[::-1])  # read from a file
+    )
+    output = str(tmp_path / "bart_collab")
+    code, out, err = _run(
+        capsys,
+        "convert",
+        tiny_bart_preset,
+        "--shared-key-dim",
+        "4",
+        "--output",
+        output,
+        "--calibration",
+        str(calibration),
+        "--samples",
+        "24",
+        "--sequence-length",
+        "32",
+        "--refine-steps",
+        "2",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert [row["layer"] for row in report["layers"]] == BART_SITES
+    assert all(row["shared_key_dim"] == 4 for row in report["layers"])
+    assert all(row["full_key_dim"] == 16 for row in report["layers"])
+    assert all(0 < row["relative_error"] < 1 for row in report["layers"])
+    assert all("loss_after" in row for row in report["layers"])
+    assert report["qk_params_after"] < report["qk_params_before"]
+    fidelity = report["fidelity"]
+    assert fidelity["output"] == "decoder_sequence_output"
+    assert fidelity["texts"] == cli.HELD_OUT_TEXTS
+    assert 0.5 < fidelity["mean_cosine"] <= 1.0 + 1e-6
+    assert 0.5 < fidelity["encoder"]["mean_cosine"] <= 1.0 + 1e-6
+    assert not [
+        name for name in os.listdir(tmp_path) if name.startswith(".")
+    ]  # no staging directory left behind
+    # The preset reloads, after `import keras_collab`, with the same outputs.
+    backbone = keras_hub.models.Backbone.from_preset(output)
+    assert type(backbone).__name__ == "CollaborativeBartBackbone"
+    preprocessor = presets._load_preprocessor(output, 32)
+    assert (
+        type(preprocessor).__name__ == "CollaborativeBartSeq2SeqLMPreprocessor"
+    )
+    (batch,) = presets.encode(preprocessor, ["the file object", "a data value"])
+    expected = converted["result"].model(batch)
+    actual = backbone(batch)
+    assert sorted(actual) == [
+        "decoder_sequence_output",
+        "encoder_sequence_output",
+    ]
+    for key in expected:
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(actual[key]),
+            keras.ops.convert_to_numpy(expected[key]),
+            atol=1e-6,
+        )
+    # The report command recomputes fidelity against the source.
+    code, out, err = _run(capsys, "report", output, "--json")
+    assert code == 0, err
+    assert json.loads(out)["fidelity"]["mean_cosine"] == pytest.approx(
+        fidelity["mean_cosine"], abs=1e-4
+    )
+    code, out, err = _run(capsys, "report", output)
+    assert code == 0, err
+    assert "(decoder output)" in out and "(encoder output)" in out
+
+
+def test_full_rank_bart_conversion_is_exact(tiny_bart_preset, tmp_path, capsys):
+    code, out, err = _run(
+        capsys,
+        "convert",
+        tiny_bart_preset,
+        "--shared-key-dim",
+        "1.0",
+        "--output",
+        str(tmp_path / "exact"),
+        "--no-calibration",
+        "--sequence-length",
+        "32",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["layers"]) == len(BART_SITES)
+    assert [row["shared_key_dim"] for row in report["layers"]] == [16] * 3
+    for fidelity in (report["fidelity"], report["fidelity"]["encoder"]):
+        assert fidelity["min_cosine"] >= 0.99999
+        assert fidelity["max_abs_difference"] < 1e-4
+
+
+def test_bart_distillation_is_refused_up_front(
+    tiny_bart_preset, tmp_path, capsys
+):
+    code, _, err = _run(
+        capsys,
+        "convert",
+        tiny_bart_preset,
+        "--distill-steps",
+        "2",
+        "--output",
+        str(tmp_path / "out"),
+    )
+    assert code != 0 and "encoder-decoder" in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.skipif(
+    not hasattr(keras_hub.models, "ViTBackbone"), reason="no ViT in KerasHub"
+)
+def test_unsupported_preprocessor_is_named(tmp_path, capsys):
+    source = tmp_path / "vit"
+    keras_hub.models.ViTBackbone(
+        image_shape=(8, 8, 3),
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+    ).save_to_preset(str(source))
+    code, _, err = _run(
+        capsys, "convert", str(source), "--output", str(tmp_path / "out")
+    )
+    assert code != 0
+    assert "No supported text preprocessor" in err
+    assert "Seq2SeqLMPreprocessor" in err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_failed_conversion_leaves_nothing(tmp_path):

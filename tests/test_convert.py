@@ -72,6 +72,9 @@ class TestConvertAttention:
     def test_fraction_and_target_error(self):
         mha = _mha(num_heads=4, key_dim=4, width=16)
         assert convert_attention(mha, shared_key_dim=0.5).shared_key_dim == 8
+        # 1.0 is the whole, not one dimension; a whole float above 1 a size.
+        assert convert_attention(mha, shared_key_dim=1.0).shared_key_dim == 16
+        assert convert_attention(mha, shared_key_dim=12.0).shared_key_dim == 12
         result = convert_attention(mha, target_error=0.3)
         assert result.relative_error <= 0.3
         assert result.shared_key_dim % 4 == 0
