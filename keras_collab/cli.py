@@ -178,11 +178,6 @@ def convert(args):
     if os.path.abspath(output) == os.path.abspath(source):
         raise ValueError("--output must differ from SOURCE.")
     loaded = presets.load_source(source, args.sequence_length)
-    if args.distill_steps and presets.is_seq2seq(loaded.preprocessor):
-        raise ValueError(
-            "--distill-steps is not supported for encoder-decoder models "
-            f"({type(loaded.backbone).__name__}) yet; use --refine-steps."
-        )
     calibration_texts, held_out_texts = _texts(args)
     calibration = None
     if not args.no_calibration:

@@ -17,9 +17,16 @@ import numpy as np
 from keras_collab import surgery
 from keras_collab.layers import CollaborativeMultiHeadAttention
 
-# Which output of a multi-output model is matched, in order of preference:
-# the token features of a KerasHub backbone, whatever a task predicts.
-_PREFERRED_OUTPUTS = ("sequence_output",)
+# Which output of a multi-output model is matched, in order of preference
+# (the token features of a KerasHub backbone; of an encoder-decoder, the
+# decoder's, which depend on every attention layer), and the padding mask
+# that weighs its tokens. A single-output model (e.g. a task) is matched on
+# that output, weighted by `padding_mask`.
+_OUTPUT_MASKS = {
+    "sequence_output": "padding_mask",
+    "decoder_sequence_output": "decoder_padding_mask",
+}
+_DEFAULT_MASK = "padding_mask"
 
 
 def collaborative_sites(model):
@@ -87,17 +94,22 @@ class _OnlyQueryKeyTrainable:
             layer.trainable = trainable
 
 
+def _output_name(outputs):
+    """The key of the distilled output in a dict of outputs."""
+    for name in _OUTPUT_MASKS:
+        if name in outputs:
+            return name
+    if len(outputs) == 1:
+        return next(iter(outputs))
+    raise ValueError(
+        "Cannot tell which output to distill among "
+        f"{sorted(outputs)}; expected one of {sorted(_OUTPUT_MASKS)}."
+    )
+
+
 def _select_output(outputs):
     if isinstance(outputs, dict):
-        for name in _PREFERRED_OUTPUTS:
-            if name in outputs:
-                return outputs[name]
-        if len(outputs) == 1:
-            return next(iter(outputs.values()))
-        raise ValueError(
-            "Cannot tell which output to distill among "
-            f"{sorted(outputs)}; expected one of {_PREFERRED_OUTPUTS}."
-        )
+        return outputs[_output_name(outputs)]
     if isinstance(outputs, (list, tuple)):
         if len(outputs) == 1:
             return outputs[0]
@@ -108,14 +120,19 @@ def _select_output(outputs):
 
 
 def _outputs_of(model, batch):
-    output = _select_output(model(batch, training=False))
-    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(output, "float32")))
+    """The distilled output as float32 NumPy, and the name of its mask."""
+    outputs = model(batch, training=False)
+    mask_name = _DEFAULT_MASK
+    if isinstance(outputs, dict):
+        mask_name = _OUTPUT_MASKS.get(_output_name(outputs), _DEFAULT_MASK)
+    output = keras.ops.cast(_select_output(outputs), "float32")
+    return np.asarray(keras.ops.convert_to_numpy(output)), mask_name
 
 
-def _token_weights(batch, target):
-    """Per-token weights: the padding mask when the batch has one that
-    lines up with the output's leading axes (padded tokens weigh 0)."""
-    mask = batch.get("padding_mask") if isinstance(batch, dict) else None
+def _token_weights(batch, target, mask_name):
+    """Per-token weights: the output's padding mask when the batch has one
+    that lines up with the output's leading axes (padded tokens weigh 0)."""
+    mask = batch.get(mask_name) if isinstance(batch, dict) else None
     if mask is None or target.ndim < 3:
         return None
     mask = np.asarray(mask)
@@ -168,7 +185,7 @@ def _mean_squared_error(model, items):
     for item in items:
         batch, target = item[0], item[1]
         weights = item[2] if len(item) > 2 else np.ones(target.shape[:-1], "float32")
-        error = ((_outputs_of(model, batch) - target) ** 2).mean(axis=-1)
+        error = ((_outputs_of(model, batch)[0] - target) ** 2).mean(axis=-1)
         error = error.reshape(weights.shape + (-1,)).mean(axis=-1)
         total += float((error * weights).sum())
         count += float(weights.sum())
@@ -188,9 +205,10 @@ def distill(
     """Fine-tunes `student`'s collaborative query/key side toward `teacher`.
 
     The loss is the mean squared error between the student's and the
-    teacher's outputs (`sequence_output` of a KerasHub backbone, the single
-    output of other models), over real tokens only when the batches carry
-    a `padding_mask`. Only the weights the conversion approximated are
+    teacher's outputs (`sequence_output` of a KerasHub backbone,
+    `decoder_sequence_output` of an encoder-decoder, the single output of
+    other models), over real tokens only when the batches carry the
+    output's padding mask (`padding_mask`, `decoder_padding_mask`). Only the weights the conversion approximated are
     trained (`query_key_variables`); values, output projections, feed-forward
     blocks, norms and embeddings stay as copied. The teacher's outputs are
     computed once, beforehand; Adam runs `steps` steps of `Model.fit` over
@@ -233,8 +251,8 @@ def distill(
         )
     items = []
     for batch in batches:
-        target = _outputs_of(teacher, batch)
-        weights = _token_weights(batch, target)
+        target, mask_name = _outputs_of(teacher, batch)
+        weights = _token_weights(batch, target, mask_name)
         items.append((batch, target) if weights is None else (batch, target, weights))
     if len({len(item) for item in items}) != 1:
         raise ValueError(
