@@ -271,7 +271,6 @@ def _assemble_backbone(backbone, conversions):
 
 
 def _assemble_task(task, conversions):
-    hub = _hub()
     backbone_sites = surgery.find_attention_sites(task.backbone)
     by_layer = {id(site.layer): site.path for site in backbone_sites}
     task_sites = surgery.find_attention_sites(task)
