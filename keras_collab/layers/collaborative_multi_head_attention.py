@@ -1,6 +1,5 @@
 """Collaborative multi-head attention (Cordonnier, Loukas & Jaggi, 2020)."""
 
-
 import keras
 import numpy as np
 from keras import ops
