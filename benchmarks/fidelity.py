@@ -115,12 +115,18 @@ def add_arguments(parser):
     )
     parser.add_argument("--refine-learning-rate", type=float)
     parser.add_argument(
-        "--distill-steps", type=int, help="Distillation steps (default 200)."
+        "--distill-steps", type=int, help="Distillation steps (default 1000)."
     )
     parser.add_argument(
         "--distill-learning-rate",
         type=float,
         help="Adam learning rate (default 1e-4).",
+    )
+    parser.add_argument(
+        "--calibration-texts",
+        type=int,
+        help="Calibration texts (default 1024; past 256 they continue after "
+        "the held-out block).",
     )
     common.add_threads_argument(parser)
 
@@ -135,6 +141,7 @@ _OPTIONS = (
     "refine_learning_rate",
     "distill_steps",
     "distill_learning_rate",
+    "calibration_texts",
     "threads",
 )
 
