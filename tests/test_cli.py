@@ -146,11 +146,12 @@ def test_convert_tiny_preset_end_to_end(tiny_preset, tmp_path, capsys):
     )
 
 
-def test_full_rank_conversion_is_exact(tiny_preset, tmp_path, capsys):
+def _convert_at_full_rank(capsys, preset, tmp_path):
+    """The JSON report of a full-rank, data-free conversion of `preset`."""
     code, out, err = _run(
         capsys,
         "convert",
-        tiny_preset,
+        preset,
         "--shared-key-dim",
         "1.0",
         "--output",
@@ -161,7 +162,11 @@ def test_full_rank_conversion_is_exact(tiny_preset, tmp_path, capsys):
         "--json",
     )
     assert code == 0, err
-    fidelity = json.loads(out)["fidelity"]
+    return json.loads(out)
+
+
+def test_full_rank_conversion_is_exact(tiny_preset, tmp_path, capsys):
+    fidelity = _convert_at_full_rank(capsys, tiny_preset, tmp_path)["fidelity"]
     assert fidelity["min_cosine"] >= 0.99999
     assert fidelity["max_abs_difference"] < 1e-4
 
@@ -336,21 +341,7 @@ def test_convert_tiny_bart_end_to_end(
 
 
 def test_full_rank_bart_conversion_is_exact(tiny_bart_preset, tmp_path, capsys):
-    code, out, err = _run(
-        capsys,
-        "convert",
-        tiny_bart_preset,
-        "--shared-key-dim",
-        "1.0",
-        "--output",
-        str(tmp_path / "exact"),
-        "--no-calibration",
-        "--sequence-length",
-        "32",
-        "--json",
-    )
-    assert code == 0, err
-    report = json.loads(out)
+    report = _convert_at_full_rank(capsys, tiny_bart_preset, tmp_path)
     assert len(report["layers"]) == len(BART_SITES)
     assert [row["shared_key_dim"] for row in report["layers"]] == [16] * 3
     for fidelity in (report["fidelity"], report["fidelity"]["encoder"]):

@@ -16,20 +16,32 @@ def _numpy(x):
     return np.array(ops.convert_to_numpy(x))
 
 
-def _batches(rng, count=3, batch=4, length=8, vocabulary=40):
+def _batches(rng, count=3, batch=4, length=8, vocabulary=40, seq2seq=False):
+    """Padded random token batches: BERT inputs, or BART inputs (the same
+    tokens for encoder and decoder) with `seq2seq`."""
     batches = []
     for _ in range(count):
         lengths = rng.integers(2, length + 1, size=batch)
         mask = np.arange(length)[None, :] < lengths[:, None]
-        batches.append(
-            {
-                "token_ids": np.where(
-                    mask, rng.integers(1, vocabulary, mask.shape), 0
-                ).astype("int32"),
-                "segment_ids": np.zeros(mask.shape, "int32"),
-                "padding_mask": mask,
-            }
-        )
+        tokens = np.where(mask, rng.integers(1, vocabulary, mask.shape), 0)
+        tokens = tokens.astype("int32")
+        if seq2seq:
+            batches.append(
+                {
+                    "encoder_token_ids": tokens,
+                    "encoder_padding_mask": mask,
+                    "decoder_token_ids": tokens,
+                    "decoder_padding_mask": mask,
+                }
+            )
+        else:
+            batches.append(
+                {
+                    "token_ids": tokens,
+                    "segment_ids": np.zeros(mask.shape, "int32"),
+                    "padding_mask": mask,
+                }
+            )
     return batches
 
 
@@ -128,18 +140,7 @@ def test_encoder_decoder_is_distilled_on_its_decoder_output():
     for variable in backbone.weights:
         if "query" in variable.path or "key" in variable.path:
             variable.assign(rng.normal(size=variable.shape))
-    batches = []
-    for _ in range(2):
-        mask = np.arange(8)[None, :] < rng.integers(3, 9, size=(3, 1))
-        tokens = np.where(mask, rng.integers(1, 40, mask.shape), 0)
-        batches.append(
-            {
-                "encoder_token_ids": tokens.astype("int32"),
-                "encoder_padding_mask": mask,
-                "decoder_token_ids": tokens.astype("int32"),
-                "decoder_padding_mask": mask,
-            }
-        )
+    batches = _batches(rng, count=2, batch=3, seq2seq=True)
     student = convert_model(backbone, 2, calibration_data=batches).model
     result = distill(backbone, student, batches, steps=20, learning_rate=1e-2)
     assert result["loss_after"] < result["loss_before"], result
