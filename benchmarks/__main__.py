@@ -8,7 +8,7 @@ single line in `SUITES`. A suite module may also define:
 - `report(document, output_dir, stem)`: writes the Markdown table and plot of
   a result document, used for the merge of a `--backend-all` run;
 - `RUNS_ITS_OWN_BACKENDS = True`: `main` spawns the backends itself (the `gpu`
-  pseudo-suite), so `--backend-all` is not handled here.
+  and `all` pseudo-suites), so `--backend-all` is not handled here.
 
 Suite modules must not import Keras at module level: this process imports
 them to read their options, and with `--backend-all` it only spawns one child
@@ -30,6 +30,7 @@ SUITES = {
     "conversion": "benchmarks.conversion",
     "fidelity": "benchmarks.fidelity",
     "pruning": "benchmarks.pruning",
+    "all": "benchmarks.full_set",
 }
 
 

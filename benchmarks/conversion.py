@@ -53,7 +53,7 @@ FULL = {
     # copy the weights exactly, without decomposing.
     "minilm_parafac_dims": [48, 96, 192],
     "refine_dims": [96],
-    "refine_steps": 300,
+    "refine_steps": 100,
     "refine_learning_rate": 1e-3,
     "calibration_texts": 256,
     "synthetic_shared_key_dims": [96, 192, 384],
@@ -120,7 +120,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--refine-steps",
         type=int,
-        help="Refinement steps per layer (default 300).",
+        help="Refinement steps per layer (default 100).",
     )
     parser.add_argument(
         "--synthetic-shared-key-dims",

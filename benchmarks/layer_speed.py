@@ -47,7 +47,7 @@ ACCELERATOR_SEQ_LENS = (128, 512, 2048)
 # passes take up to seconds at T = 512; accelerator passes take milliseconds.
 TIMING = {
     "quick": {"budget_s": 2.0, "min_repeats": 3, "max_repeats": 10},
-    "cpu": {"budget_s": 20.0, "min_repeats": 5, "max_repeats": 30},
+    "cpu": {"budget_s": 10.0, "min_repeats": 5, "max_repeats": 30},
     "accelerator": {"budget_s": 5.0, "min_repeats": 10, "max_repeats": 100},
 }
 
@@ -88,7 +88,7 @@ def add_arguments(parser):
         "--budget-s",
         type=float,
         default=None,
-        help="Seconds of timed calls per group (default 20 on CPU, 5 on an "
+        help="Seconds of timed calls per group (default 10 on CPU, 5 on an "
         "accelerator, 2 with --quick).",
     )
     parser.add_argument(

@@ -46,6 +46,13 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     `1 / sqrt(key_dim)` whatever D̃ is, so that the softmax temperature of a
     converted model does not change.
 
+    Attention runs in `keras.ops` on every backend, with two exceptions that
+    compute the same numbers (and are tested against it): the backend's fused
+    `dot_product_attention` where it accepts the shared key (JAX when
+    `shared_key_dim == value_dim`, PyTorch on accelerators), and on PyTorch
+    CPU in float32 a cache-blocked kernel (`torch_blocked_attention`), which
+    keeps each block's scores in cache instead of materialising them all.
+
     Args:
         num_heads: Number of attention heads.
         key_dim: Size of each attention head for query and key in the
