@@ -613,10 +613,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         )
         logits = ops.einsum("bhtd,bsd->bhts", head_queries, shared_key)
         if content_logits is not None:
-            logits = logits + ops.multiply(
-                ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 2),
-                ops.cast(scale, logits.dtype),
-            )
+            logits = logits + _scaled_content_logits(content_logits, scale)
         probabilities = self._masked_softmax_float32(logits, attention_mask)
         if self._dropout > 0.0:
             dropped = self._dropout_layer(probabilities, training=training)
@@ -655,24 +652,13 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     ):
         from keras_collab.layers import torch_blocked_attention
 
-        bias = None
-        if content_logits is not None:
-            bias = ops.multiply(
-                ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 2),
-                ops.cast(scale, content_logits.dtype),
-            )
-        mask = None
-        if attention_mask is not None:
-            mask = ops.cast(attention_mask, "bool")
-            while len(mask.shape) < 4:
-                mask = ops.expand_dims(mask, axis=-3)
         return torch_blocked_attention.blocked_collaborative_attention(
             ops.multiply(shared_query, ops.cast(scale, shared_query.dtype)),
             shared_key,
             mixing,
             value,
-            bias=bias,
-            mask=mask,
+            bias=_scaled_content_logits(content_logits, scale),
+            mask=_rank4_mask(attention_mask),
             mask_value=_MASK_VALUE_FLOAT32,
         )
 
@@ -687,9 +673,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         compute_dtype = logits.dtype
         logits = ops.cast(logits, "float32")
         if attention_mask is not None:
-            mask = ops.cast(attention_mask, "bool")
-            while len(mask.shape) < 4:
-                mask = ops.expand_dims(mask, axis=-3)
+            mask = _rank4_mask(attention_mask)
             logits = ops.where(mask, logits, _MASK_VALUE_FLOAT32)
         probabilities = ops.softmax(logits, axis=-1)
         return ops.cast(probabilities, compute_dtype)
@@ -715,18 +699,10 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 key,
                 (key_shape[0], key_shape[1], self._num_heads, key_shape[2]),
             )
-        mask = None
-        if attention_mask is not None:
-            mask = ops.cast(attention_mask, "bool")
-            while len(mask.shape) < 4:
-                mask = ops.expand_dims(mask, axis=-3)
-        bias = None
-        if content_logits is not None:
+        mask = _rank4_mask(attention_mask)
+        bias = _scaled_content_logits(content_logits, scale)
+        if bias is not None:
             # Backends take a bias or a mask, not both: fold the mask in.
-            bias = ops.multiply(
-                ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 2),
-                ops.cast(scale, content_logits.dtype),
-            )
             if use_causal_mask:
                 mask = ops.expand_dims(
                     self._compute_causal_mask(shared_query, value), 1
@@ -859,6 +835,28 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         return output_spec, keras.KerasTensor(
             scores_shape, dtype=self.compute_dtype
         )
+
+
+def _scaled_content_logits(content_logits, scale):
+    """`(B, S, H)` content logits as a scaled `(B, H, 1, S)` logit bias, or
+    `None`."""
+    if content_logits is None:
+        return None
+    return ops.multiply(
+        ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 2),
+        ops.cast(scale, content_logits.dtype),
+    )
+
+
+def _rank4_mask(attention_mask):
+    """A boolean mask broadcastable to `(B, T, S)` given a head axis, for
+    `(B, H, T, S)` logits; `None` stays `None`."""
+    if attention_mask is None:
+        return None
+    mask = ops.cast(attention_mask, "bool")
+    while len(mask.shape) < 4:
+        mask = ops.expand_dims(mask, axis=-3)
+    return mask
 
 
 def _prefer_fused_on_torch(tensor):
