@@ -129,7 +129,7 @@ def report(document, output_dir, stem):
         [
             row["suite"],
             f"{row['wall_time_s'] / 60:.1f}",
-            "ok" if row["exit_status"] == 0 else f"FAILED ({row['exit_status']})",
+            _status(row["exit_status"]),
             f"`{_relative_to_working_directory(row['results'])}`",
         ]
         for row in document["rows"]
@@ -152,6 +152,10 @@ def report(document, output_dir, stem):
     ]
     common.write_text(Path(output_dir) / f"{stem}.md", "\n".join(lines))
     _plot(document, output_dir, stem, budget_s)
+
+
+def _status(exit_status):
+    return "ok" if exit_status == 0 else f"FAILED ({exit_status})"
 
 
 def _relative_to_working_directory(path):

@@ -629,8 +629,9 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         attention: float32 on CPU, no scores returned, no active dropout.
 
         It computes what the einsum path below computes (tested against it)
-        in blocks of query rows, and measured 1.3-1.6x faster at BERT-base
-        shape (`torch_blocked_attention`).
+        in blocks of query rows; at BERT-base shape and T = 512 the attention
+        itself measured 1.8x faster forward and 1.3x forward+backward
+        (`torch_blocked_attention`).
         """
         if keras.backend.backend() != "torch" or return_attention_scores:
             return False

@@ -78,7 +78,10 @@ def blocked_collaborative_attention(
 
 def _row_blocks(num_heads, length, keys):
     rows = max(1, BLOCK_ELEMENTS // max(1, num_heads * keys))
-    return [(start, min(start + rows, length)) for start in range(0, length, rows)]
+    return [
+        (start, min(start + rows, length))
+        for start in range(0, length, rows)
+    ]
 
 
 def _block_probabilities(head_queries, key, bias, mask, mask_value):
@@ -129,7 +132,9 @@ class _BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, mixing, head_values, bias, output, saved = ctx.saved_tensors
+        (query, key, mixing, head_values, bias, output, saved) = (
+            ctx.saved_tensors
+        )
         mask = ctx.mask
         batch, length, _ = query.shape
         num_heads = head_values.shape[1]

@@ -42,7 +42,8 @@ def test_runs_every_suite_in_order_and_reports_failures(
     def fake_run(command, env, check):
         suite = command[3]
         ran.append((suite, env["KERAS_BACKEND"]))
-        return subprocess.CompletedProcess(command, 3 if suite == "training" else 0)
+        status = 3 if suite == "training" else 0
+        return subprocess.CompletedProcess(command, status)
 
     monkeypatch.setattr(full_set.subprocess, "run", fake_run)
     status = full_set.main(_args(tmp_path))

@@ -178,7 +178,9 @@ class TestLayerPaths:
         ],
         ids=["no_mask", "causal", "mask", "broadcast_mask", "padding_causal"],
     )
-    def test_kernel_matches_einsum_path(self, kwargs, small_blocks, monkeypatch):
+    def test_kernel_matches_einsum_path(
+        self, kwargs, small_blocks, monkeypatch
+    ):
         layer = _layer()
         query, value = _normal(2, 7, 16), _normal(2, 9, 12)
         if kwargs.get("use_causal_mask"):
