@@ -8,7 +8,11 @@ all-MiniLM-L6-v2 checkpoint: the package's main job. SOURCE may be any
 KerasHub text model with a `TextClassifierPreprocessor` (BERT-like),
 `CausalLMPreprocessor` (GPT-2-like) or `Seq2SeqLMPreprocessor` (BART-like);
 an encoder-decoder is calibrated and evaluated with each text as both its
-encoder and its decoder text (see `keras_collab.presets`).
+encoder and its decoder text (see `keras_collab.hub.text`).
+
+This module parses arguments and formats reports; the work is done by
+`keras_collab.conversion` and `keras_collab.hub`, imported when a command
+runs so that `--help` stays fast.
 """
 
 import argparse
@@ -23,23 +27,14 @@ HELD_OUT_TEXTS = 64
 
 
 def _shared_key_dim(text):
+    from keras_collab.conversion.attention import parse_shared_key_dim
+
     try:
-        value = float(text)
-    except ValueError:
+        return parse_shared_key_dim(text)
+    except ValueError as error:
         raise argparse.ArgumentTypeError(
-            f"--shared-key-dim must be an integer or a fraction, got '{text}'"
-        )
-    if value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"--shared-key-dim must be positive, got '{text}'"
-        )
-    if value.is_integer() and "." not in text:
-        return int(value)
-    if value > 1:
-        raise argparse.ArgumentTypeError(
-            f"a fractional --shared-key-dim must lie in (0, 1], got '{text}'"
-        )
-    return value
+            f"--shared-key-dim: {error}"
+        ) from None
 
 
 def _parser():
@@ -63,7 +58,7 @@ def _parser():
     convert.add_argument(
         "--shared-key-dim",
         type=_shared_key_dim,
-        default=_shared_key_dim(DEFAULT_SHARED_KEY_DIM),
+        default=DEFAULT_SHARED_KEY_DIM,
         help="D̃: an integer, or a fraction of num_heads*key_dim "
         f"(default {DEFAULT_SHARED_KEY_DIM})",
     )
@@ -146,27 +141,15 @@ def _validate(args):
         raise ValueError(f"Calibration file '{args.calibration}' not found.")
 
 
-def _texts(args):
-    """Calibration texts and held-out texts never used for calibration."""
-    from keras_collab.calibration import builtin_corpus
-    from keras_collab.presets import read_texts
-
-    corpus = builtin_corpus()
-    if args.calibration:
-        calibration = read_texts(args.calibration)[: args.samples]
-        held_out = [t for t in corpus if t not in set(calibration)]
-        return calibration, held_out[:HELD_OUT_TEXTS]
-    calibration = corpus[: args.samples]
-    held_out = corpus[args.samples : args.samples + HELD_OUT_TEXTS]
-    return calibration, held_out
-
-
 def convert(args):
-    from keras_collab import presets
-    from keras_collab.convert import convert_model
+    from keras_collab.conversion.model import convert_model
+    from keras_collab.hub import preset_files
+    from keras_collab.hub import sources
+    from keras_collab.hub import text
+    from keras_collab.hub.fidelity import fidelity
 
     _validate(args)
-    source = args.source or presets.bundled_minilm()
+    source = args.source or sources.bundled_minilm()
     if source is None:
         raise ValueError(
             "No SOURCE given and the bundled MiniLM is not installed "
@@ -177,13 +160,15 @@ def convert(args):
         raise ValueError(f"Output '{output}' exists; pass --force to replace it.")
     if os.path.abspath(output) == os.path.abspath(source):
         raise ValueError("--output must differ from SOURCE.")
-    loaded = presets.load_source(source, args.sequence_length)
-    calibration_texts, held_out_texts = _texts(args)
+    loaded = sources.load_source(source, args.sequence_length)
+    calibration_texts, held_out_texts = text.calibration_and_held_out(
+        args.samples, args.calibration, HELD_OUT_TEXTS
+    )
     calibration = None
     if not args.no_calibration:
-        calibration = presets.encode(loaded.preprocessor, calibration_texts)
-        presets.check_nonempty(calibration)
-    held_out = presets.encode(loaded.preprocessor, held_out_texts)
+        calibration = text.encode(loaded.preprocessor, calibration_texts)
+        text.check_nonempty(calibration)
+    held_out = text.encode(loaded.preprocessor, held_out_texts)
     result = convert_model(
         loaded.backbone,
         args.shared_key_dim,
@@ -194,12 +179,12 @@ def convert(args):
         distill_steps=args.distill_steps,
         progress=not args.json,
     )
-    fidelity = presets.fidelity(loaded.backbone, result.model, held_out)
-    report = _conversion_report(args, source, output, result, fidelity)
-    with presets.atomic_directory(output, force=args.force) as staging:
+    measured = fidelity(loaded.backbone, result.model, held_out)
+    report = _conversion_report(args, source, output, result, measured)
+    with preset_files.atomic_directory(output, force=args.force) as staging:
         result.model.save_to_preset(staging)
         loaded.tokenizer.save_to_preset(staging)
-        presets.write_report(staging, report)
+        preset_files.write_report(staging, report)
     return report
 
 
@@ -247,22 +232,26 @@ def _conversion_report(args, source, output, result, fidelity):
 
 
 def report(args):
-    from keras_collab import presets
-
-    stored = presets.read_report(args.directory)
     import keras_hub
 
+    from keras_collab.hub import preset_files
+    from keras_collab.hub import sources
+    from keras_collab.hub import text
+    from keras_collab.hub.fidelity import fidelity
+
+    stored = preset_files.read_report(args.directory)
     converted = keras_hub.models.Backbone.from_preset(args.directory)
     # Reports written before `sequence_length` was recorded: the default.
-    length = presets.fitting_sequence_length(
+    length = sources.fitting_sequence_length(
         converted, stored.get("sequence_length", 128)
     )
-    original = presets.load_source(stored["source"], length)
-    preprocessor = presets._load_preprocessor(args.directory, length)
-    held_out = presets.encode(
-        preprocessor, _texts(argparse.Namespace(calibration=None, samples=stored["samples"] or 256))[1]
+    original = sources.load_source(stored["source"], length)
+    preprocessor = sources.load_preprocessor(args.directory, length)
+    _, held_out_texts = text.calibration_and_held_out(
+        stored["samples"] or 256, held_out=HELD_OUT_TEXTS
     )
-    stored["fidelity"] = presets.fidelity(original.backbone, converted, held_out)
+    held_out = text.encode(preprocessor, held_out_texts)
+    stored["fidelity"] = fidelity(original.backbone, converted, held_out)
     stored["output"] = os.path.abspath(args.directory)
     return stored
 

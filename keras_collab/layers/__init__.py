@@ -1,4 +1,5 @@
-"""Keras layers of keras-collab."""
+"""Keras layers of keras-collab: the collaborative attention layer, its
+cached twin for KerasHub decoders, and the mixing initializers."""
 
 from keras_collab.layers.cached_collaborative_multi_head_attention import (
     CachedCollaborativeMultiHeadAttention,
@@ -6,8 +7,14 @@ from keras_collab.layers.cached_collaborative_multi_head_attention import (
 from keras_collab.layers.collaborative_multi_head_attention import (
     CollaborativeMultiHeadAttention,
 )
+from keras_collab.layers.collaborative_multi_head_attention import (
+    CollaborativeQueryKey,
+)
+from keras_collab.layers.initializers import ConcatenateMixing
 
 __all__ = [
     "CachedCollaborativeMultiHeadAttention",
     "CollaborativeMultiHeadAttention",
+    "CollaborativeQueryKey",
+    "ConcatenateMixing",
 ]

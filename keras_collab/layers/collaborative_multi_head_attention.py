@@ -1,20 +1,47 @@
 """Collaborative multi-head attention (Cordonnier, Loukas & Jaggi, 2020)."""
 
+import dataclasses
+import inspect
+
 import keras
 import numpy as np
 from keras import ops
-from keras.src.backend import get_keras_mask
-from keras.src.backend import set_keras_mask
-from keras.src.layers.attention.multi_head_attention import (
-    _build_proj_equation,
-)
-from keras.src.layers.attention.multi_head_attention import _get_output_shape
 
-from keras_collab.initializers import get_mixing_initializer
+from keras_collab.layers._keras_compat import get_keras_mask
+from keras_collab.layers._keras_compat import projection_equation
+from keras_collab.layers._keras_compat import projection_output_shape
+from keras_collab.layers._keras_compat import set_keras_mask
+from keras_collab.layers.initializers import clone_initializer
+from keras_collab.layers.initializers import get_mixing_initializer
+from keras_collab.layers.weights import unshared_copy
 
 # Masked logits get this value. Large and finite, as in Keras MHA, so that a
 # fully masked row softmaxes to a uniform (finite) distribution.
 _MASK_VALUE_FLOAT32 = -1e9
+
+
+@dataclasses.dataclass
+class CollaborativeQueryKey:
+    """The query/key side of a collaborative layer, as NumPy arrays.
+
+    Attributes:
+        query_kernel: `(D_q, D̃)` shared query kernel `W̃_Q`.
+        key_kernel: `(D_k, D̃)` shared key kernel `W̃_K`.
+        mixing: `(H, D̃)` mixing vectors `m_h`.
+        query_bias: `(D̃,)` shared query bias, or `None` (zeros).
+        content_bias: `(D_k, H)` content bias `c_h`, or `None` for a layer
+            without one.
+    """
+
+    query_kernel: np.ndarray
+    key_kernel: np.ndarray
+    mixing: np.ndarray
+    query_bias: np.ndarray = None
+    content_bias: np.ndarray = None
+
+    @property
+    def shared_key_dim(self):
+        return int(np.shape(self.query_kernel)[1])
 
 
 @keras.saving.register_keras_serializable(package="keras_collab")
@@ -236,10 +263,10 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
 
         # The shared projections map the feature axis to D̃: (..., D) -> (...,
         # D̃), i.e. kernels of shape (D, D̃), one "head" for all heads.
-        equation, bias_axes, _ = _build_proj_equation(
-            query_rank - 1, bound_dims=1, output_dims=1
+        equation, bias_axes, _ = projection_equation(
+            query_rank - 1, output_dims=1
         )
-        shared_output_shape = _get_output_shape(
+        shared_output_shape = projection_output_shape(
             query_rank - 1, [self._shared_key_dim]
         )
         self._query_dense = keras.layers.EinsumDense(
@@ -271,21 +298,19 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             self._content_bias = self.add_weight(
                 name="content_bias",
                 shape=(key_shape[-1], self._num_heads),
-                initializer=self._bias_initializer.__class__.from_config(
-                    self._bias_initializer.get_config()
-                ),
+                initializer=clone_initializer(self._bias_initializer),
                 regularizer=self._bias_regularizer,
                 constraint=self._bias_constraint,
             )
 
         # Gate, values and output: exactly as in Keras MHA.
-        equation, bias_axes, output_rank = _build_proj_equation(
-            query_rank - 1, bound_dims=1, output_dims=2
+        equation, bias_axes, output_rank = projection_equation(
+            query_rank - 1, output_dims=2
         )
         if self._use_gate:
             self._gate_dense = keras.layers.EinsumDense(
                 equation,
-                output_shape=_get_output_shape(
+                output_shape=projection_output_shape(
                     output_rank - 1, [self._num_heads, self._value_dim]
                 ),
                 bias_axes=bias_axes if self._use_bias else None,
@@ -296,7 +321,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             self._gate_dense.build(query_shape)
         self._value_dense = keras.layers.EinsumDense(
             equation,
-            output_shape=_get_output_shape(
+            output_shape=projection_output_shape(
                 output_rank - 1, [self._num_heads, self._value_dim]
             ),
             bias_axes=bias_axes if self._use_bias else None,
@@ -354,24 +379,45 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                     f"{name}.shape={tuple(shape)}"
                 )
 
-    @classmethod
-    def from_multi_head_attention(cls, mha, shared_key_dim=None, **kwargs):
-        """Creates a collaborative layer equivalent to a Keras MHA layer.
+    @property
+    def query_key_variables(self):
+        """The variables of the query/key side: shared query kernel and bias,
+        shared key kernel, mixing and content bias (those that exist).
 
-        At full size (`shared_key_dim=None` or `num_heads * key_dim`) the
-        result computes exactly what `mha` computes. A smaller
-        `shared_key_dim` re-parametrizes the key/query projections by tensor
-        decomposition; see `keras_collab.conversion.convert_attention` for the
-        options (`calibration`, `target_error`, ...), which are forwarded.
+        These are the weights a conversion approximates, and the only ones
+        refinement and distillation train; values, the output projection
+        and the gate are exact copies.
+        """
+        candidates = (
+            self._query_dense.kernel,
+            self._query_dense.bias,
+            self._key_dense.kernel,
+            self._mixing,
+            self._content_bias,
+        )
+        return [variable for variable in candidates if variable is not None]
+
+    @classmethod
+    def from_multi_head_attention(cls, mha, query_key=None, name=None):
+        """Creates a collaborative layer from a built Keras MHA layer.
+
+        Without `query_key`, the result is the exact full-size copy of `mha`
+        (`shared_key_dim = num_heads * key_dim`, concatenated heads): it
+        computes what `mha` computes. With `query_key`, the query/key side
+        is the given factors and everything else (values, output projection,
+        gate) is copied from `mha`. To choose a smaller D̃ from `mha`'s
+        weights, use `keras_collab.convert_attention`, which computes those
+        factors by tensor decomposition.
 
         Args:
-            mha: A built `keras.layers.MultiHeadAttention` (or subclass).
-            shared_key_dim: Size D̃ of the shared projection, `None` for full
-                size.
-            **kwargs: Forwarded to `keras_collab.conversion.convert_attention`.
+            mha: A built `keras.layers.MultiHeadAttention` (or subclass). It
+                is not modified, and the new layer shares no buffer with it.
+            query_key: Optional `CollaborativeQueryKey`: the shared query and
+                key kernels, mixing and biases of the new layer.
+            name: Name of the new layer; defaults to `mha.name`.
 
         Returns:
-            A new, built `CollaborativeMultiHeadAttention`; `mha` is unchanged.
+            A new, built layer of class `cls`.
 
         Example:
 
@@ -381,12 +427,57 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         >>> layer = CollaborativeMultiHeadAttention.from_multi_head_attention(
         ...     mha
         ... )
+        >>> layer.shared_key_dim
+        8
         """
-        from keras_collab.conversion import convert_attention
+        if not isinstance(mha, keras.layers.MultiHeadAttention) or isinstance(
+            mha, CollaborativeMultiHeadAttention
+        ):
+            raise ValueError(
+                "`mha` must be a keras.layers.MultiHeadAttention that is not "
+                f"already collaborative. Received: {type(mha).__name__}"
+            )
+        if not mha.built:
+            raise ValueError(
+                f"Layer '{mha.name}' is not built: call it on data (or build "
+                "the model) before converting it."
+            )
+        if query_key is None:
+            query_key = _concatenated_query_key(mha)
+        config = _config_like(mha, query_key)
+        layer = cls(name=name or mha.name, dtype=mha.dtype_policy, **config)
+        layer.build(*mha_input_shapes(mha))
+        layer._assign_query_key(query_key)
+        sources = [mha.value_dense, mha.output_dense]
+        targets = [layer._value_dense, layer._output_dense]
+        if getattr(mha, "_use_gate", False):
+            sources.append(mha._gate_dense)
+            targets.append(layer._gate_dense)
+        for source, target in zip(sources, targets):
+            for source_var, target_var in zip(source.weights, target.weights):
+                target_var.assign(unshared_copy(source_var))
+        return layer
 
-        return convert_attention(
-            mha, shared_key_dim=shared_key_dim, layer_class=cls, **kwargs
-        ).layer
+    def _assign_query_key(self, query_key):
+        pairs = [
+            (self._query_dense.kernel, query_key.query_kernel),
+            (self._key_dense.kernel, query_key.key_kernel),
+            (self._mixing, query_key.mixing),
+        ]
+        if self._query_dense.bias is not None:
+            query_bias = query_key.query_bias
+            if query_bias is None:
+                query_bias = np.zeros(self._shared_key_dim, "float32")
+            pairs.append((self._query_dense.bias, query_bias))
+        if self._content_bias is not None:
+            pairs.append((self._content_bias, query_key.content_bias))
+        for variable, value in pairs:
+            if tuple(variable.shape) != tuple(np.shape(value)):
+                raise ValueError(
+                    f"`{variable.path}` has shape {tuple(variable.shape)}; "
+                    f"the given value has shape {tuple(np.shape(value))}."
+                )
+            variable.assign(unshared_copy(value))
 
     def call(
         self,
@@ -629,15 +720,14 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         attention: float32 on CPU, no scores returned, no active dropout.
 
         It computes what the einsum path below computes (tested against it)
-        in blocks of query rows; at BERT-base shape and T = 512 the attention
-        itself measured 1.8x faster forward and 1.3x forward+backward
-        (`torch_blocked_attention`).
+        in blocks of query rows; its speed is measured by
+        `benchmarks/layer_speed` (see the benchmarks README).
         """
         if keras.backend.backend() != "torch" or return_attention_scores:
             return False
         if self._dropout > 0.0 and training:
             return False
-        from keras_collab.layers import torch_blocked_attention
+        from keras_collab.kernels import torch_blocked_attention
 
         return torch_blocked_attention.is_supported(tensor)
 
@@ -651,7 +741,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         mixing,
         scale,
     ):
-        from keras_collab.layers import torch_blocked_attention
+        from keras_collab.kernels import torch_blocked_attention
 
         return torch_blocked_attention.blocked_collaborative_attention(
             ops.multiply(shared_query, ops.cast(scale, shared_query.dtype)),
@@ -871,3 +961,57 @@ def _large_negative(dtype):
     if keras.backend.standardize_dtype(dtype) == "float16":
         return ops.cast(-0.7 * np.finfo("float16").max, dtype)
     return ops.cast(_MASK_VALUE_FLOAT32, dtype)
+
+
+def mha_input_shapes(mha):
+    """The `(query, value, key)` shapes a built attention layer was built
+    for, read off its kernels: the feature sizes and the rank are known, the
+    positions are not, so any built layer works however it was built."""
+    rank = len(mha.query_dense.equation.split(",")[0])
+    positions = (None,) * (rank - 1)
+    return (
+        positions + (mha.query_dense.kernel.shape[0],),
+        positions + (mha.value_dense.kernel.shape[0],),
+        positions + (mha.key_dense.kernel.shape[0],),
+    )
+
+
+def _concatenated_query_key(mha):
+    """The exact full-size query/key side of `mha`: head `h` owns columns
+    `[h * key_dim, (h + 1) * key_dim)` of the shared projections, which
+    `"concatenate"` mixing selects."""
+    query = np.asarray(ops.convert_to_numpy(mha.query_dense.kernel))
+    key = np.asarray(ops.convert_to_numpy(mha.key_dense.kernel))
+    full = mha.num_heads * mha.key_dim
+    query_bias = None
+    if mha.query_dense.bias is not None:
+        bias = ops.convert_to_numpy(mha.query_dense.bias)
+        query_bias = np.reshape(bias, (full,))
+    return CollaborativeQueryKey(
+        query_kernel=np.reshape(query, (query.shape[0], full)),
+        key_kernel=np.reshape(key, (key.shape[0], full)),
+        mixing=np.repeat(np.eye(mha.num_heads), mha.key_dim, axis=1),
+        query_bias=query_bias,
+    )
+
+
+def _config_like(mha, query_key):
+    """Arguments of a collaborative twin of `mha` with this query/key side.
+
+    At full size the query bias stays in the shared query projection and a
+    content bias would always be zero, so the layer has none.
+    """
+    config = mha.get_config()
+    accepted = inspect.signature(CollaborativeMultiHeadAttention).parameters
+    # KerasHub subclasses add their own arguments; keep only ours.
+    config = {k: v for k, v in config.items() if k in accepted}
+    config.pop("name", None)
+    config.pop("dtype", None)
+    full_size = query_key.shared_key_dim == mha.num_heads * mha.key_dim
+    config.update(
+        shared_key_dim=query_key.shared_key_dim,
+        mixing_initializer="concatenate" if full_size else None,
+        use_content_bias=query_key.content_bias is not None,
+    )
+    return config
+

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import minilm
 from keras_collab import presets
-from keras_collab.convert import convert_model
+from keras_collab.conversion import convert_model
 
 
 def _tiny_model():
@@ -97,7 +97,7 @@ def test_clone_backbone_is_independent(tiny):
 
     backbone, _ = tiny
     copy = minilm.clone_backbone(backbone)
-    path = surgery.find_attention_sites(backbone)[0].path
+    path = surgery.find_sites(backbone)[0].path
     source = surgery.get_site(backbone, path).layer
     target = surgery.get_site(copy, path).layer
     original = minilm.attention_weights(source)

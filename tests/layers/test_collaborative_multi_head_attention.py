@@ -314,11 +314,30 @@ class TestExactMultiHeadAttention:
         query = _normal(2, 5, 16)
         mha(query, query)
         before = [_numpy(w).copy() for w in mha.weights]
-        CollaborativeMultiHeadAttention.from_multi_head_attention(
-            mha, shared_key_dim=4
-        )
+        layer = CollaborativeMultiHeadAttention.from_multi_head_attention(mha)
+        for variable in layer.weights:
+            variable.assign(np.zeros(variable.shape))
         for old, new in zip(before, mha.weights):
             np.testing.assert_array_equal(old, _numpy(new))
+
+    def test_query_key_variables(self):
+        mha = _random_mha()
+        query = _normal(2, 5, 16)
+        mha(query, query)
+        layer = CollaborativeMultiHeadAttention.from_multi_head_attention(mha)
+        paths = sorted(v.path.split("/", 1)[1] for v in layer.query_key_variables)
+        # Full size: the query bias stays in the projection, no content bias.
+        assert paths == ["key/kernel", "mixing", "query/bias", "query/kernel"]
+
+    def test_from_multi_head_attention_refuses_other_layers(self):
+        with pytest.raises(ValueError, match="not built"):
+            CollaborativeMultiHeadAttention.from_multi_head_attention(
+                keras.layers.MultiHeadAttention(2, 2)
+            )
+        with pytest.raises(ValueError, match="MultiHeadAttention"):
+            CollaborativeMultiHeadAttention.from_multi_head_attention(
+                keras.layers.Dense(2)
+            )
 
     def test_sliding_window(self):
         mha = _random_mha(sliding_window=2)

@@ -13,7 +13,7 @@ import keras  # noqa: E402
 import torch  # noqa: E402
 
 from keras_collab import CollaborativeMultiHeadAttention  # noqa: E402
-from keras_collab.layers import torch_blocked_attention  # noqa: E402
+from keras_collab.kernels import torch_blocked_attention  # noqa: E402
 
 LAYER_MODULE = "keras_collab.layers.collaborative_multi_head_attention"
 RNG = np.random.default_rng(11)

@@ -15,9 +15,15 @@ import math
 import keras
 import numpy as np
 
-from keras_collab import surgery
-from keras_collab.calibration import record_attention_inputs
-from keras_collab.progress import progress_bar
+from keras_collab.conversion.calibration import as_batches
+from keras_collab.conversion.calibration import record_attention_inputs
+from keras_collab.conversion.progress import progress_bar
+from keras_collab.conversion.sites import get_site
+from keras_collab.conversion.training import InferenceModeModel
+from keras_collab.conversion.training import only_query_key_trainable
+from keras_collab.layers.collaborative_multi_head_attention import (
+    mha_input_shapes,
+)
 
 
 def _recorded_inputs(model, layer, batches):
@@ -78,26 +84,6 @@ def _teacher_targets(layer, query, key, mask, objective, batch_size):
     return np.concatenate(chunks)
 
 
-class _InferenceAttention(keras.Model):
-    """The student layer on `(query, key, mask)`, in inference mode.
-
-    `fit` calls its model with `training=True`, which would switch on the
-    layer's attention dropout: the student's outputs would be noisy copies
-    of what the teacher's targets were computed without. Passing
-    `training=False` explicitly keeps it off while the weights train.
-    """
-
-    def __init__(self, layer, objective, **kwargs):
-        # TensorFlow rejects the default name, which starts with "_".
-        super().__init__(name="refined_attention", **kwargs)
-        self.layer = layer
-        self.objective = objective
-
-    def call(self, inputs):
-        query, key, mask = inputs
-        return _attend(self.layer, query, key, mask, self.objective)
-
-
 def refine_layer(
     teacher,
     student,
@@ -137,20 +123,19 @@ def refine_layer(
     # buffers of the variables it trains, which the model around `student`
     # still uses.
     twin = student.__class__.from_config(student.get_config())
-    twin.build(*surgery.build_shapes(student))
+    twin.build(*mha_input_shapes(student))
     twin.set_weights(student.get_weights())
-    twin.value_dense.trainable = False
-    twin.output_dense.trainable = False
-    if getattr(twin, "_gate_dense", None) is not None:
-        twin._gate_dense.trainable = False
-    model = _InferenceAttention(twin, objective)
+    model = InferenceModeModel(
+        twin,
+        lambda layer, inputs: _attend(layer, *inputs, objective),
+        name="refined_attention",
+    )
     if objective == "attention":
         loss, weights = keras.losses.KLDivergence(), None
     else:
         # Padded query rows (no key to attend to) carry no signal.
         loss, weights = keras.losses.MeanSquaredError(), mask.any(axis=-1)
         weights = weights.astype("float32")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
     inputs = [query, key, mask]
 
     def evaluate():
@@ -164,18 +149,20 @@ def refine_layer(
             )
         )
 
-    before = evaluate()
-    batches_per_epoch = math.ceil(len(query) / batch_size)
-    model.fit(
-        inputs,
-        target,
-        sample_weight=weights,
-        batch_size=batch_size,
-        epochs=max(1, round(steps / batches_per_epoch)),
-        shuffle=True,
-        verbose=0,
-    )
-    after = evaluate()
+    with only_query_key_trainable(model, [twin]):
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
+        before = evaluate()
+        batches_per_epoch = math.ceil(len(query) / batch_size)
+        model.fit(
+            inputs,
+            target,
+            sample_weight=weights,
+            batch_size=batch_size,
+            epochs=max(1, round(steps / batches_per_epoch)),
+            shuffle=True,
+            verbose=0,
+        )
+        after = evaluate()
     student.set_weights(twin.get_weights())
     return {"loss_before": before, "loss_after": after}
 
@@ -209,15 +196,11 @@ def refine_layers(
         `{path: {"loss_before", "loss_after"}}`.
     """
     keras.utils.set_random_seed(seed)
-    batches = (
-        list(calibration_data)
-        if isinstance(calibration_data, (list, tuple))
-        else [calibration_data]
-    )
+    batches = as_batches(calibration_data)
     results = {}
     for path in progress_bar(paths, "Refining attention", progress):
-        teacher = surgery.get_site(original, path).layer
-        student = surgery.get_site(converted, path).layer
+        teacher = get_site(original, path).layer
+        student = get_site(converted, path).layer
         query, key, mask = _recorded_inputs(converted, student, batches)
         results[path] = refine_layer(
             teacher,

@@ -1,21 +1,21 @@
 """Cache-blocked collaborative attention for PyTorch on CPU.
 
 The generic path of `CollaborativeMultiHeadAttention` computes the scores of
-all heads at once: at BERT-base shape, batch 8 and T = 512 that is a 100 MB
-tensor, written by the score product, read and written by the softmax, read
-again by the context product. On CPU that memory traffic costs more than the
-arithmetic (the softmax alone took 51 ms of a 178 ms attention). PyTorch's
-fused CPU kernel (`scaled_dot_product_attention`) cannot take over: it needs
-equal key and value head sizes, while the shared key has D̃ dimensions and
-the values `value_dim`.
+all heads at once: at BERT-base shape and T = 512 that is a tensor of
+hundreds of megabytes, written by the score product, read and written by the
+softmax, read again by the context product. On CPU that memory traffic
+costs more than the arithmetic. PyTorch's fused CPU kernel
+(`scaled_dot_product_attention`) cannot take over: it needs equal key and
+value head sizes, while the shared key has D̃ dimensions and the values
+`value_dim`.
 
 This kernel computes the same attention one block of query rows at a time
 (all heads of one batch element), so each block's scores stay in cache from
 the score product to the context product. The forward pass stores the
 probabilities when gradients are wanted, and the backward pass again works
 block by block. Recomputing them instead, as flash attention does, measured
-slower (405 ms against 353 ms for forward+backward at that shape): the
-recomputed score product is a quarter of the backward work.
+slower: the recomputed score product is a quarter of the backward work. The
+measurements are in the benchmarks README ("PyTorch CPU kernel").
 
 Only float32 is handled (the generic path upcasts half-precision softmax, and
 accelerators use the fused kernel); the layer checks `is_supported` first.
@@ -24,8 +24,8 @@ accelerators use the fused kernel); the layer checks `is_supported` first.
 import torch
 
 # Elements of one block's (heads, rows, keys) scores: 8 MiB of float32,
-# which keeps a block in a server CPU's cache. Measured at BERT-base shape on
-# 2 EPYC cores, blocks of 1, 4 or 12 heads x 512 rows ran at the same speed.
+# which keeps a block in a server CPU's cache (block sizes from 1 to 12 heads
+# of 512 rows measured the same; benchmarks README).
 BLOCK_ELEMENTS = 1 << 21
 
 def is_supported(tensor):
@@ -39,7 +39,7 @@ def is_supported(tensor):
 
 
 # Under `torch.compile` the kernel runs as it is, between compiled graphs:
-# traced, its loops unroll into a graph that measured 1.9x slower.
+# traced, its loops unroll into a graph that measured slower.
 @torch.compiler.disable
 def blocked_collaborative_attention(
     query, key, mixing, value, bias=None, mask=None, mask_value=-1e9

@@ -1,12 +1,12 @@
-"""Model surgery: find the attention layers of a model and swap them.
+"""Attention sites: where attention layers sit in a model, and their swap.
 
 Two kinds of models hold attention layers differently:
 
 * KerasHub backbones (and any layer tree) keep them as attributes of other
   layers, e.g. `TransformerEncoder._self_attention_layer`. They are found by
   walking the layer tree and replaced by re-assigning the attribute; KerasHub
-  backbones are rebuilt through `keras_collab.hub` so that the swap is part of
-  their config and survives `save_to_preset`/`from_preset`.
+  backbones are rebuilt through `keras_collab.hub` so that the swap is part
+  of their config and survives `save_to_preset`/`from_preset`.
 * Plain functional and sequential Keras models hold them as nodes of their
   graph. They are replaced by cloning the graph (`keras.models.clone_model`).
 
@@ -18,12 +18,8 @@ Sites are addressed by a path of layer names and attribute names joined by
 import dataclasses
 
 import keras
-from keras.src.models.functional import Functional
 
-from keras_collab.layers import CollaborativeMultiHeadAttention
-from keras_collab.layers.cached_collaborative_multi_head_attention import (
-    CachedCollaborativeMultiHeadAttention,
-)
+from keras_collab.layers._keras_compat import Functional
 
 
 @dataclasses.dataclass
@@ -43,28 +39,6 @@ class AttentionSite:
     layer: keras.layers.Layer
     owner: keras.layers.Layer = None
     attribute: str = None
-
-
-def is_convertible(layer):
-    """Keras MHA and its subclasses, except collaborative ones."""
-    return isinstance(
-        layer, keras.layers.MultiHeadAttention
-    ) and not isinstance(layer, CollaborativeMultiHeadAttention)
-
-
-def is_cached(layer):
-    """Whether `layer` follows KerasHub's cached-attention call contract."""
-    return any(
-        cls.__name__ == "CachedMultiHeadAttention"
-        for cls in type(layer).__mro__
-    )
-
-
-def collaborative_class_for(layer):
-    """The collaborative class that can stand in for `layer`."""
-    if is_cached(layer):
-        return CachedCollaborativeMultiHeadAttention
-    return CollaborativeMultiHeadAttention
 
 
 # Keras' own bookkeeping holds every sublayer a second time; skip it so each
@@ -92,53 +66,52 @@ def _children(layer):
                     yield f"{attribute}/{index}", item
 
 
-def find_attention_sites(model, predicate=is_convertible):
+def find_attention_sites(model, predicate):
     """Lists the attention layers of `model`, each once.
 
     A layer shared by several owners (ALBERT reuses one encoder block for
-    every layer) is listed once. Layers of a functional model are visited in
-    graph order and named by their (unique) layer names.
+    every layer) is listed once. Layers of a functional model (a KerasHub
+    backbone, or one nested in a task) are visited in graph order and named
+    by their (unique) layer names; other layers by the attributes that hold
+    them.
 
     Args:
         model: A Keras model or layer.
-        predicate: Which layers count as attention sites.
+        predicate: Which layers count as sites, e.g.
+            `keras_collab.conversion.is_convertible`.
 
     Returns:
         A list of `AttentionSite`.
     """
     sites = []
-    seen = set()
+    seen = {id(model)}
 
     def visit(layer, prefix):
-        for fragment, child in _children(layer):
+        if _is_graph(layer):
+            children = [(node.name, node) for node in layer.layers]
+        else:
+            children = list(_children(layer))
+        for fragment, child in children:
             if id(child) in seen:
                 continue
             seen.add(id(child))
             path = f"{prefix}/{fragment}" if prefix else fragment
-            if predicate(child):
-                owner_path, _, attribute = path.rpartition("/")
-                sites.append(AttentionSite(path, child, layer, attribute))
-            else:
+            if not predicate(child):
                 visit(child, path)
-
-    seen.add(id(model))
-    if _is_functional(model):
-        for node_layer in model.layers:
-            if id(node_layer) in seen:
-                continue
-            seen.add(id(node_layer))
-            if predicate(node_layer):
-                sites.append(AttentionSite(node_layer.name, node_layer))
+            elif _is_graph(layer):
+                # A node of the graph, not an attribute.
+                sites.append(AttentionSite(path, child))
             else:
-                visit(node_layer, node_layer.name)
-    else:
-        visit(model, "")
+                sites.append(AttentionSite(path, child, layer, fragment))
+
+    visit(model, "")
     return sites
 
 
-def _is_functional(model):
-    """Functional models, KerasHub backbones included (they subclass it)."""
-    return isinstance(model, Functional)
+def _is_graph(model):
+    """Functional and sequential models, KerasHub backbones included (they
+    subclass `Functional`): their layers are nodes, named uniquely."""
+    return isinstance(model, (Functional, keras.Sequential))
 
 
 def is_plain_graph_model(model):
@@ -148,27 +121,32 @@ def is_plain_graph_model(model):
 
 def get_site(model, path):
     """Resolves a path produced by `find_attention_sites`."""
+    owner = model
     names = path.split("/")
-    if _is_functional(model):
-        owner = model.get_layer(names[0])
-        names = names[1:]
-    else:
-        owner = model
-    if not names:
-        return AttentionSite(path, owner)
     for name in names[:-1]:
-        owner = owner[int(name)] if name.isdigit() else getattr(owner, name)
-    attribute = names[-1]
-    if attribute.isdigit():
+        owner = _child(owner, name)
+    name = names[-1]
+    if _is_graph(owner):
+        return AttentionSite(path, owner.get_layer(name))
+    if name.isdigit():
         raise ValueError(f"Attention site '{path}' is a list item.")
-    return AttentionSite(path, getattr(owner, attribute), owner, attribute)
+    return AttentionSite(path, getattr(owner, name), owner, name)
+
+
+def _child(owner, name):
+    if _is_graph(owner):
+        return owner.get_layer(name)
+    if name.isdigit():
+        return owner[int(name)]
+    return getattr(owner, name)
 
 
 def replace_attribute(site, new_layer):
     """Makes `site.owner` use `new_layer` instead of `site.layer`.
 
-    The old layer is untracked, so its weights leave the model. Keras locks a built layer's state; the swap is the one sanctioned change,
-    so the owner is unlocked for it and locked again.
+    The old layer is untracked, so its weights leave the model. Keras locks
+    a built layer's state; the swap is the one sanctioned change, so the
+    owner is unlocked for it and locked again.
     """
     owner = site.owner
     tracker = owner._tracker
@@ -181,21 +159,6 @@ def replace_attribute(site, new_layer):
     finally:
         if was_locked:
             tracker.lock()
-
-
-def build_shapes(mha):
-    """The `(query, value, key)` shapes `mha` was built for.
-
-    Read off its kernels (the positions are unknown, the feature sizes and
-    the rank are not), so any built layer works, however it was built.
-    """
-    rank = len(mha.query_dense.equation.split(",")[0])
-    positions = (None,) * (rank - 1)
-    return (
-        positions + (mha.query_dense.kernel.shape[0],),
-        positions + (mha.value_dense.kernel.shape[0],),
-        positions + (mha.key_dense.kernel.shape[0],),
-    )
 
 
 def rebuild_graph_model(model, replacements):

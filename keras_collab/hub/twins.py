@@ -6,7 +6,7 @@ classes, its tokenizer). Those rebuild a model from its config, so the swap of
 attention layers has to be part of the config. For each KerasHub backbone
 class `XBackbone` this module registers `CollaborativeXBackbone`, a subclass
 that takes one more argument, `collaborative_attention`: a mapping from
-attention-site paths (see `keras_collab.surgery`) to the serialized
+attention-site paths (see `keras_collab.conversion.sites`) to the serialized
 collaborative layers that replace them. It builds `XBackbone` as usual, then
 swaps those layers in; its weights file therefore holds the collaborative
 weights.
@@ -14,16 +14,26 @@ weights.
 KerasHub finds tasks, preprocessors and tokenizers for a backbone through
 their `backbone_cls` attribute, so each of those classes gets a registered
 `Collaborative...` twin whose `backbone_cls` is the collaborative backbone.
-Everything is registered when `keras_collab` is imported.
+Everything is registered when `keras_collab` is imported, and so is the
+assembler that `keras_collab.convert_model` uses to rebuild KerasHub
+backbones and tasks with their converted layers.
 """
 
+import dataclasses
 import inspect
 import json
 
 import keras
 import keras_hub
 
-from keras_collab import surgery
+from keras_collab.conversion.model import register_assembler
+from keras_collab.conversion.sites import get_site
+from keras_collab.conversion.sites import replace_attribute
+from keras_collab.layers.collaborative_multi_head_attention import (
+    mha_input_shapes,
+)
+from keras_collab.layers.weights import copy_weights
+from keras_collab.layers.weights import unshared_copy
 
 _COLLABORATIVE_CLASSES = {}
 _PACKAGE = "keras_collab"
@@ -48,7 +58,7 @@ class CollaborativeBackboneMixin:
             _json_copy(collaborative_attention or {}),
         )
         for path, serialized in self._collaborative_attention.items():
-            site = surgery.get_site(self, path)
+            site = get_site(self, path)
             serialized = _json_copy(serialized)
             # The backbone's dtype (e.g. `from_preset(..., dtype=...)`) wins
             # over the one recorded at conversion time.
@@ -58,8 +68,8 @@ class CollaborativeBackboneMixin:
             # recorded elsewhere.
             serialized.pop("build_config", None)
             layer = keras.saving.deserialize_keras_object(serialized)
-            layer.build(*surgery.build_shapes(site.layer))
-            surgery.replace_attribute(site, layer)
+            layer.build(*mha_input_shapes(site.layer))
+            replace_attribute(site, layer)
 
     @property
     def collaborative_attention(self):
@@ -106,7 +116,7 @@ def collaborative_backbone_class(backbone_cls):
             {
                 "__module__": __name__,
                 "__doc__": f"`{backbone_cls.__name__}` with collaborative "
-                "attention layers (see `keras_collab.hub`).",
+                "attention layers (see `keras_collab.hub.twins`).",
             },
         )
     )
@@ -144,12 +154,101 @@ def register_all_backbones():
             collaborative_backbone_class(obj)
 
 
-def is_backbone(model):
-    return isinstance(model, keras_hub.models.Backbone)
+def is_hub_model(model):
+    """KerasHub backbones and tasks."""
+    return isinstance(model, (keras_hub.models.Backbone, keras_hub.models.Task))
 
 
-def is_task(model):
-    return isinstance(model, keras_hub.models.Task)
+def assemble_hub_model(model, sites, conversions):
+    """A new KerasHub backbone or task with the converted layers in place.
+
+    The new model is built from its twin's config, which records the swap,
+    so that `save_to_preset` and `from_preset` keep it; every other weight
+    is copied from `model`.
+
+    Returns:
+        `(new model, {site path: AttentionConversion})`, each conversion's
+        `layer` being the one placed in the new model.
+    """
+    if isinstance(model, keras_hub.models.Task):
+        return _assemble_task(model, conversions)
+    return _assemble_backbone(model, conversions)
+
+
+def _assemble_backbone(backbone, conversions):
+    collaborative_cls = collaborative_backbone_class(type(backbone))
+    config = backbone.get_config()
+    config["collaborative_attention"] = {
+        path: keras.saving.serialize_keras_object(conversion.layer)
+        for path, conversion in conversions.items()
+    }
+    new_backbone = collaborative_cls.from_config(config)
+    placed = {}
+    converted_variables = set()
+    for path, conversion in conversions.items():
+        layer = get_site(new_backbone, path).layer
+        for target, source in zip(layer.weights, conversion.layer.weights):
+            target.assign(unshared_copy(source))
+            converted_variables.add(id(target))
+        placed[path] = dataclasses.replace(conversion, layer=layer)
+    original_attention_variables = {
+        id(w)
+        for path in conversions
+        for w in get_site(backbone, path).layer.weights
+    }
+    copy_weights(
+        [
+            w
+            for w in backbone.weights
+            if id(w) not in original_attention_variables
+        ],
+        [w for w in new_backbone.weights if id(w) not in converted_variables],
+    )
+    return new_backbone, placed
+
+
+def _assemble_task(task, conversions):
+    # Task sites are "<backbone name>/<backbone site path>".
+    prefix = f"{task.backbone.name}/"
+    outside = [path for path in conversions if not path.startswith(prefix)]
+    if outside:
+        raise ValueError(
+            "Only attention layers inside a task's backbone can be "
+            f"converted; these are outside '{task.backbone.name}': {outside}"
+        )
+    backbone_conversions = {
+        path[len(prefix) :]: conversion
+        for path, conversion in conversions.items()
+    }
+    new_backbone, placed = _assemble_backbone(
+        task.backbone, backbone_conversions
+    )
+    task_cls = _collaborative_task_class(type(task), type(new_backbone))
+    config = task.get_config()
+    config["backbone"] = new_backbone
+    config["preprocessor"] = task.preprocessor
+    new_task = task_cls.from_config(config)
+    backbone_ids = {id(w) for w in task.backbone.weights}
+    new_backbone_ids = {id(w) for w in new_task.backbone.weights}
+    copy_weights(
+        [w for w in task.weights if id(w) not in backbone_ids],
+        [w for w in new_task.weights if id(w) not in new_backbone_ids],
+    )
+    return new_task, {prefix + path: c for path, c in placed.items()}
+
+
+def _collaborative_task_class(task_cls, collaborative_backbone_cls):
+    for obj in keras.saving.get_custom_objects().values():
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, task_cls)
+            and getattr(obj, "backbone_cls", None) is collaborative_backbone_cls
+        ):
+            return obj
+    raise ValueError(
+        f"No collaborative twin of task {task_cls.__name__} is registered."
+    )
 
 
 register_all_backbones()
+register_assembler(is_hub_model, assemble_hub_model)

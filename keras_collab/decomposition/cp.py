@@ -31,23 +31,23 @@ import math
 
 import numpy as np
 
-# Relative diagonal loading (times the mean diagonal entry) applied to a
-# weight matrix before its inverse square root maps a weighted solution back.
-# Input second moments of trained networks are often nearly singular (dead
-# or constant features); without loading, `S^{-1/2}` would amplify those
-# directions by orders of magnitude and blow up the returned kernels.
-WEIGHT_DAMPING = 1e-6
-
-# Eigenvalues of a damped weight below this fraction of the largest one are
-# raised to it, so that the inverse square root stays finite even when the
-# mean diagonal (and hence the damping) is dominated by a few directions.
-_WEIGHT_EIGENVALUE_FLOOR = 1e-12
+from keras_collab.decomposition._checks import as_float_array
+from keras_collab.decomposition._checks import candidate_ranks
+from keras_collab.decomposition._checks import validate_factors
+from keras_collab.decomposition._checks import validate_kernels
+from keras_collab.decomposition._checks import validate_max_iter
+from keras_collab.decomposition._checks import validate_rank
+from keras_collab.decomposition._checks import validate_tol
+from keras_collab.decomposition._checks import validate_weight
+from keras_collab.decomposition.weighting import damped_roots
+from keras_collab.decomposition.weighting import psd_square_root
 
 # Ridge added to every ALS Gram matrix, relative to its mean diagonal entry.
 # It is far below the precision the fit is judged at, but keeps the Cholesky
 # solve defined when a factor is rank deficient (e.g. `R > D_q`, or a target
 # of lower rank than `R`).
 _RIDGE = 1e-12
+
 
 # Below this fraction of `||T||^2`, the expanded squared error
 # `||T||^2 - 2 <T, T_hat> + ||T_hat||^2` carries round-off of ~1e-14 relative
@@ -56,14 +56,10 @@ _RIDGE = 1e-12
 # about one sweep) from there on.
 _EXPANSION_TRUST_LIMIT = 1e-6
 
+
 # A relative error this small is a perfect fit up to float64 round-off;
 # further sweeps can only shuffle round-off around.
 _EXACT_FIT_ERROR = 1e-13
-
-# Tolerance on the asymmetry / negativity accepted from weight matrices,
-# relative to their largest absolute entry (they are usually averaged in
-# float32 by the caller).
-_WEIGHT_CHECK_TOLERANCE = 1e-5
 
 
 @dataclasses.dataclass
@@ -92,11 +88,6 @@ class CPResult:
     relative_error: float
     iterations: int
     converged: bool
-
-
-# ---------------------------------------------------------------------------
-# Public API
-# ---------------------------------------------------------------------------
 
 
 def collaborative_cp(
@@ -165,14 +156,14 @@ def collaborative_cp(
     >>> bool(0.0 < result.relative_error < 1.0)
     True
     """
-    query_kernels, key_kernels = _validate_kernels(query_kernels, key_kernels)
+    query_kernels, key_kernels = validate_kernels(query_kernels, key_kernels)
     num_heads, query_dim, head_dim = query_kernels.shape
     key_dim = key_kernels.shape[1]
-    rank = _validate_rank(rank, num_heads * head_dim)
-    tol = _validate_tol(tol)
-    max_iter = _validate_max_iter(max_iter)
-    query_weight = _validate_weight(query_weight, query_dim, "query_weight")
-    key_weight = _validate_weight(key_weight, key_dim, "key_weight")
+    rank = validate_rank(rank, num_heads * head_dim)
+    tol = validate_tol(tol)
+    max_iter = validate_max_iter(max_iter)
+    query_weight = validate_weight(query_weight, query_dim, "query_weight")
+    key_weight = validate_weight(key_weight, key_dim, "key_weight")
 
     if rank == num_heads * head_dim:
         return _concatenate_solution(
@@ -182,8 +173,8 @@ def collaborative_cp(
     # Weighting the error by S_q^{1/2} . S_k^{1/2} is the plain problem on
     # S_q^{1/2} A_h and S_k^{1/2} B_h, so ALS itself stays unweighted and the
     # solution is mapped back through the (damped) inverse roots.
-    query_root, query_inverse_root = _damped_roots(query_weight)
-    key_root, key_inverse_root = _damped_roots(key_weight)
+    query_root, query_inverse_root = damped_roots(query_weight)
+    key_root, key_inverse_root = damped_roots(key_weight)
     problem = _FactoredProblem(
         _left_multiply_heads(query_root, query_kernels),
         _left_multiply_heads(key_root, key_kernels),
@@ -275,14 +266,14 @@ def relative_error(
     >>> bool(error < 1e-12)
     True
     """
-    query_kernels, key_kernels = _validate_kernels(query_kernels, key_kernels)
+    query_kernels, key_kernels = validate_kernels(query_kernels, key_kernels)
     num_heads, query_dim, _ = query_kernels.shape
     key_dim = key_kernels.shape[1]
-    query_kernel, key_kernel, mixing = _validate_factors(
+    query_kernel, key_kernel, mixing = validate_factors(
         query_kernel, key_kernel, mixing, num_heads, query_dim, key_dim
     )
-    query_weight = _validate_weight(query_weight, query_dim, "query_weight")
-    key_weight = _validate_weight(key_weight, key_dim, "key_weight")
+    query_weight = validate_weight(query_weight, query_dim, "query_weight")
+    key_weight = validate_weight(key_weight, key_dim, "key_weight")
     return _weighted_relative_error(
         query_kernels,
         key_kernels,
@@ -292,78 +283,6 @@ def relative_error(
         query_weight,
         key_weight,
     )
-
-
-def second_moment(inputs, mask=None, center_per_sequence=False):
-    """Second moment `E[x x^T]` of layer inputs over valid tokens.
-
-    This is the weight `collaborative_cp` expects for `query_weight` and
-    `key_weight`. For the key side, pass `center_per_sequence=True`: adding
-    the same vector to every key of a sequence shifts all logits of a query
-    by one constant, which the softmax cancels, so only the key variation
-    within a sequence matters.
-
-    Args:
-        inputs: Array of shape `(N, S, D)` (batches of sequences) or `(N, D)`
-            (independent tokens). Anything `np.asarray` accepts, e.g. a
-            backend tensor on the CPU.
-        mask: Optional boolean array of shape `(N, S)` (or `(N,)` for 2D
-            inputs), `True` for valid (non-padding) tokens. Defaults to all
-            tokens valid.
-        center_per_sequence: If `True`, subtract each sequence's mean over
-            its valid tokens before accumulating. Requires 3D inputs.
-
-    Returns:
-        Float64 array of shape `(D, D)`: the sum of `x x^T` over valid tokens
-        divided by their number.
-
-    Example:
-
-    >>> rng = np.random.default_rng(0)
-    >>> hidden = rng.standard_normal((8, 10, 4))
-    >>> mask = np.ones((8, 10), dtype=bool)
-    >>> mask[:, 7:] = False  # Padding.
-    >>> second_moment(hidden, mask, center_per_sequence=True).shape
-    (4, 4)
-    """
-    inputs = np.asarray(inputs, dtype=np.float64)
-    if inputs.ndim == 2:
-        if center_per_sequence:
-            raise ValueError(
-                "`center_per_sequence=True` needs `inputs` of shape (N, S, D); "
-                f"received inputs of shape {inputs.shape}."
-            )
-        # Independent tokens are sequences of length one.
-        inputs = inputs[:, None, :]
-        if mask is not None:
-            mask = _validate_mask(mask, (inputs.shape[0],))[:, None]
-    elif inputs.ndim == 3:
-        if mask is not None:
-            mask = _validate_mask(mask, inputs.shape[:2])
-    else:
-        raise ValueError(
-            "`inputs` must have shape (N, S, D) or (N, D); received shape "
-            f"{inputs.shape}."
-        )
-    if not np.all(np.isfinite(inputs)):
-        raise ValueError("`inputs` contains non-finite values.")
-    if mask is None:
-        mask = np.ones(inputs.shape[:2], dtype=bool)
-
-    num_valid = int(mask.sum())
-    if num_valid == 0:
-        raise ValueError("`mask` selects no valid token.")
-    valid = mask[..., None].astype(np.float64)
-    if center_per_sequence:
-        counts = mask.sum(axis=1, keepdims=True)[..., None]
-        # Fully padded sequences have no mean; their tokens are all masked
-        # out below anyway, so any finite placeholder works.
-        means = (inputs * valid).sum(axis=1, keepdims=True) / np.maximum(counts, 1)
-        inputs = inputs - means
-    tokens = (inputs * valid).reshape(-1, inputs.shape[-1])
-    moment = tokens.T @ tokens / num_valid
-    # Exactly symmetric, so it passes the weight validation bit for bit.
-    return (moment + moment.T) / 2
 
 
 def rank_for_target_error(
@@ -411,7 +330,7 @@ def rank_for_target_error(
     >>> bool(result.relative_error <= 0.5)
     True
     """
-    query_kernels, key_kernels = _validate_kernels(query_kernels, key_kernels)
+    query_kernels, key_kernels = validate_kernels(query_kernels, key_kernels)
     num_heads, _, head_dim = query_kernels.shape
     full_rank = num_heads * head_dim
     if isinstance(target_error, bool) or not isinstance(
@@ -425,7 +344,7 @@ def rank_for_target_error(
             f"`target_error` must be in the open interval (0, 1); received "
             f"{target_error}."
         )
-    ranks = _candidate_ranks(candidates, head_dim, full_rank)
+    ranks = candidate_ranks(candidates, head_dim, full_rank)
 
     def fit(rank):
         return collaborative_cp(
@@ -451,108 +370,6 @@ def rank_for_target_error(
         else:
             low = middle + 1
     return best if best is not None else fit(ranks[high])
-
-
-def reference_parafac(
-    query_kernels,
-    key_kernels,
-    rank,
-    *,
-    init="random",
-    seed=0,
-    tol=1e-7,
-    n_iter_max=500,
-):
-    """Published baseline: TensorLy PARAFAC on the full attention tensor.
-
-    Forms the `D_q x H x D_k` tensor `T` explicitly and decomposes it with
-    `tensorly.decomposition.parafac`, as the reference implementation of
-    Cordonnier et al. does. Meant for comparisons and tests; prefer
-    `collaborative_cp`, which gives the same kind of factors without the
-    `D_q H D_k` memory and per-sweep cost.
-
-    Args:
-        query_kernels: Array of shape `(H, D_q, d_k)`, the kernels `A_h`.
-        key_kernels: Array of shape `(H, D_k, d_k)`, the kernels `B_h`.
-        rank: Integer `R` between 1 and `H * d_k`.
-        init: `"random"` (as in the paper's code) or `"svd"`, forwarded to
-            `parafac`.
-        seed: Integer `random_state` forwarded to `parafac`.
-        tol: TensorLy's tolerance: it stops once the relative error changes
-            by less than `tol` in absolute terms between sweeps.
-        n_iter_max: Maximum number of sweeps.
-
-    Returns:
-        A `CPResult` whose `mixing` absorbs TensorLy's component weights and
-        whose `relative_error` is recomputed exactly by `relative_error`.
-
-    Raises:
-        ImportError: If TensorLy is not installed (install the
-            `keras-collab[reference]` extra).
-
-    Example:
-
-    >>> rng = np.random.default_rng(0)
-    >>> query_kernels = rng.standard_normal((2, 6, 3))
-    >>> key_kernels = rng.standard_normal((2, 5, 3))
-    >>> result = reference_parafac(query_kernels, key_kernels, rank=4)
-    >>> result.mixing.shape
-    (2, 4)
-    """
-    query_kernels, key_kernels = _validate_kernels(query_kernels, key_kernels)
-    num_heads, _, head_dim = query_kernels.shape
-    rank = _validate_rank(rank, num_heads * head_dim)
-    tol = _validate_tol(tol)
-    if init not in ("random", "svd"):
-        raise ValueError(f"`init` must be 'random' or 'svd'; received {init!r}.")
-    if isinstance(n_iter_max, bool) or not isinstance(
-        n_iter_max, (int, np.integer)
-    ) or n_iter_max < 1:
-        raise ValueError(
-            f"`n_iter_max` must be a positive integer; received {n_iter_max!r}."
-        )
-    try:
-        import tensorly
-        from tensorly.decomposition import parafac
-    except ImportError as error:
-        raise ImportError(
-            "`reference_parafac` requires TensorLy. Install it with "
-            "`pip install keras-collab[reference]` (or `pip install tensorly`)."
-        ) from error
-
-    full_tensor = np.einsum("hik,hjk->ihj", query_kernels, key_kernels)
-    with tensorly.backend_context("numpy"):
-        (weights, factors), errors = parafac(
-            tensorly.tensor(full_tensor),
-            rank,
-            init=init,
-            random_state=int(seed),
-            tol=tol,
-            n_iter_max=int(n_iter_max),
-            return_errors=True,
-        )
-    query_kernel, head_factor, key_kernel = (
-        np.asarray(factor, dtype=np.float64) for factor in factors
-    )
-    mixing = head_factor * np.asarray(weights, dtype=np.float64)[None, :]
-    errors = [float(error) for error in errors]
-    converged = len(errors) >= 2 and abs(errors[-2] - errors[-1]) < tol
-    error = _weighted_relative_error(
-        query_kernels, key_kernels, query_kernel, key_kernel, mixing, None, None
-    )
-    return CPResult(
-        query_kernel=query_kernel,
-        key_kernel=key_kernel,
-        mixing=mixing,
-        relative_error=error,
-        iterations=len(errors),
-        converged=converged,
-    )
-
-
-# ---------------------------------------------------------------------------
-# Alternating least squares on the factored tensor
-# ---------------------------------------------------------------------------
 
 
 class _FactoredProblem:
@@ -794,16 +611,11 @@ def _concatenate_solution(query_kernels, key_kernels, query_weight, key_weight):
     )
 
 
-# ---------------------------------------------------------------------------
-# Exact error through the factors
-# ---------------------------------------------------------------------------
-
-
 def _weighted_relative_error(query_kernels, key_kernels, query_kernel,
                              key_kernel, mixing, query_weight, key_weight):
     """Relative error, in the metric defined by the (undamped) weights."""
-    query_root = _psd_square_root(query_weight)
-    key_root = _psd_square_root(key_weight)
+    query_root = psd_square_root(query_weight)
+    key_root = psd_square_root(key_weight)
     if query_root is not None:
         query_kernels = _left_multiply_heads(query_root, query_kernels)
         query_kernel = query_root @ query_kernel
@@ -889,40 +701,6 @@ def _split_along_basis(basis, kernels):
     return inside, outside
 
 
-# ---------------------------------------------------------------------------
-# Weights
-# ---------------------------------------------------------------------------
-
-
-def _psd_square_root(weight):
-    """Symmetric square root of a PSD matrix (tiny negative eigenvalues of
-    a numerically PSD input are clipped to zero); `None` passes through."""
-    if weight is None:
-        return None
-    eigenvalues, eigenvectors = np.linalg.eigh(weight)
-    roots = np.sqrt(np.clip(eigenvalues, 0.0, None))
-    return (eigenvectors * roots) @ eigenvectors.T
-
-
-def _damped_roots(weight):
-    """`(S^{1/2}, S^{-1/2})` of the damped weight `S + damping * mean(diag S)`.
-
-    Both come from one symmetric eigendecomposition. `(None, None)` when no
-    weight is given.
-    """
-    if weight is None:
-        return None, None
-    size = weight.shape[0]
-    loading = WEIGHT_DAMPING * np.trace(weight) / size
-    eigenvalues, eigenvectors = np.linalg.eigh(weight + loading * np.eye(size))
-    floor = _WEIGHT_EIGENVALUE_FLOOR * max(eigenvalues.max(), 0.0)
-    eigenvalues = np.maximum(eigenvalues, max(floor, np.finfo(np.float64).tiny))
-    roots = np.sqrt(eigenvalues)
-    root = (eigenvectors * roots) @ eigenvectors.T
-    inverse_root = (eigenvectors / roots) @ eigenvectors.T
-    return root, inverse_root
-
-
 def _left_multiply_heads(matrix, kernels):
     """`matrix @ kernels[h]` for every head; identity when `matrix` is None."""
     if matrix is None:
@@ -936,161 +714,3 @@ def _heads_side_by_side(kernels):
     return np.ascontiguousarray(
         np.transpose(kernels, (1, 0, 2)).reshape(dim, num_heads * head_dim)
     )
-
-
-# ---------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------
-
-
-def _validate_kernels(query_kernels, key_kernels):
-    query_kernels = _as_float_array(query_kernels, "query_kernels")
-    key_kernels = _as_float_array(key_kernels, "key_kernels")
-    for name, kernels, layout in (
-        ("query_kernels", query_kernels, "(H, D_q, d_k)"),
-        ("key_kernels", key_kernels, "(H, D_k, d_k)"),
-    ):
-        if kernels.ndim != 3:
-            raise ValueError(
-                f"`{name}` must be a 3D array of shape {layout}; received "
-                f"shape {kernels.shape}."
-            )
-        if 0 in kernels.shape:
-            raise ValueError(
-                f"`{name}` must have no empty dimension; received shape "
-                f"{kernels.shape}."
-            )
-    if query_kernels.shape[0] != key_kernels.shape[0]:
-        raise ValueError(
-            "`query_kernels` and `key_kernels` must have the same number of "
-            f"heads; received {query_kernels.shape[0]} and "
-            f"{key_kernels.shape[0]} (shapes {query_kernels.shape} and "
-            f"{key_kernels.shape})."
-        )
-    if query_kernels.shape[2] != key_kernels.shape[2]:
-        raise ValueError(
-            "`query_kernels` and `key_kernels` must have the same key "
-            f"dimension d_k (last axis); received {query_kernels.shape[2]} "
-            f"and {key_kernels.shape[2]}."
-        )
-    return query_kernels, key_kernels
-
-
-def _validate_factors(query_kernel, key_kernel, mixing, num_heads, query_dim,
-                      key_dim):
-    query_kernel = _as_float_array(query_kernel, "query_kernel")
-    key_kernel = _as_float_array(key_kernel, "key_kernel")
-    mixing = _as_float_array(mixing, "mixing")
-    for name, factor in (
-        ("query_kernel", query_kernel),
-        ("key_kernel", key_kernel),
-        ("mixing", mixing),
-    ):
-        if factor.ndim != 2:
-            raise ValueError(
-                f"`{name}` must be a 2D array; received shape {factor.shape}."
-            )
-    rank = mixing.shape[1]
-    expected = {
-        "query_kernel": (query_kernel, (query_dim, rank)),
-        "key_kernel": (key_kernel, (key_dim, rank)),
-        "mixing": (mixing, (num_heads, rank)),
-    }
-    for name, (factor, shape) in expected.items():
-        if rank < 1 or factor.shape != shape:
-            raise ValueError(
-                f"`{name}` must have shape {shape} (rank R={rank} taken from "
-                f"`mixing`); received shape {factor.shape}."
-            )
-    return query_kernel, key_kernel, mixing
-
-
-def _validate_rank(rank, full_rank):
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise ValueError(f"`rank` must be an integer; received {rank!r}.")
-    if not 1 <= rank <= full_rank:
-        raise ValueError(
-            f"`rank` must be between 1 and H * d_k = {full_rank}; received "
-            f"{rank}."
-        )
-    return int(rank)
-
-
-def _validate_tol(tol):
-    if isinstance(tol, bool) or not isinstance(
-        tol, (int, float, np.integer, np.floating)
-    ) or not tol >= 0.0:
-        raise ValueError(f"`tol` must be a non-negative float; received {tol!r}.")
-    return float(tol)
-
-
-def _validate_max_iter(max_iter):
-    if isinstance(max_iter, bool) or not isinstance(
-        max_iter, (int, np.integer)
-    ) or max_iter < 0:
-        raise ValueError(
-            f"`max_iter` must be a non-negative integer; received {max_iter!r}."
-        )
-    return int(max_iter)
-
-
-def _validate_weight(weight, dim, name):
-    """Checks a second-moment weight; returns it symmetrised, or `None`."""
-    if weight is None:
-        return None
-    weight = _as_float_array(weight, name)
-    if weight.shape != (dim, dim):
-        raise ValueError(
-            f"`{name}` must have shape ({dim}, {dim}) to match the kernels; "
-            f"received shape {weight.shape}."
-        )
-    scale = np.max(np.abs(weight))
-    if scale == 0.0:
-        raise ValueError(f"`{name}` must not be all zeros.")
-    if np.max(np.abs(weight - weight.T)) > _WEIGHT_CHECK_TOLERANCE * scale:
-        raise ValueError(f"`{name}` must be symmetric.")
-    weight = (weight + weight.T) / 2
-    if np.linalg.eigvalsh(weight)[0] < -_WEIGHT_CHECK_TOLERANCE * scale:
-        raise ValueError(f"`{name}` must be positive semi-definite.")
-    return weight
-
-
-def _validate_mask(mask, shape):
-    mask = np.asarray(mask)
-    if mask.shape != tuple(shape):
-        raise ValueError(
-            f"`mask` must have shape {tuple(shape)} to match `inputs`; "
-            f"received shape {mask.shape}."
-        )
-    if mask.dtype != bool:
-        raise ValueError(f"`mask` must be boolean; received dtype {mask.dtype}.")
-    return mask
-
-
-def _candidate_ranks(candidates, head_dim, full_rank):
-    """Sorted unique candidate ranks, ending with the full rank."""
-    if candidates is None:
-        return list(range(head_dim, full_rank + 1, head_dim))
-    ranks = []
-    for candidate in candidates:
-        if isinstance(candidate, bool) or not isinstance(
-            candidate, (int, np.integer)
-        ) or not 1 <= candidate <= full_rank:
-            raise ValueError(
-                "`candidates` must hold integer ranks between 1 and "
-                f"H * d_k = {full_rank}; received {candidate!r}."
-            )
-        ranks.append(int(candidate))
-    return sorted(set(ranks) | {full_rank})
-
-
-def _as_float_array(value, name):
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"`{name}` must be convertible to a float array."
-        ) from error
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"`{name}` contains non-finite values.")
-    return array

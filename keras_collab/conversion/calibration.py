@@ -3,113 +3,79 @@
 Activation-aware conversion weights the decomposition of each attention layer
 by the second moments of that layer's actual query and key inputs, and the
 optional refinement trains each converted layer on those inputs. This module
-records them, and ships a calibration corpus that needs no download: sentences
-from the docstrings of Python's standard library, read at run time.
+records those inputs while a model runs and reduces them to
+`AttentionStatistics`. Where calibration text comes from is the hub's
+business (`keras_collab.hub.text`).
 """
 
 import contextlib
-import importlib
+import dataclasses
 import inspect
-import random
-import re
 
 import keras
 import numpy as np
 
-from keras_collab.conversion import AttentionStatistics
 from keras_collab.decomposition import second_moment
 
-# Standard-library modules with long, well-written English docstrings.
-# `inspect` is left out: PyTorch replaces some of its functions at import.
-_CORPUS_MODULES = (
-    "argparse", "asyncio", "calendar", "collections", "concurrent.futures",
-    "configparser", "contextlib", "csv", "dataclasses", "datetime",
-    "decimal", "difflib", "email", "enum", "fractions", "functools",
-    "gettext", "heapq", "http.client", "http.server", "imaplib",
-    "ipaddress", "json", "logging", "mailbox", "multiprocessing", "pathlib",
-    "pickle", "pydoc", "queue", "random", "sched", "shutil", "smtplib",
-    "socket", "socketserver", "sqlite3", "statistics", "string",
-    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit",
-    "tokenize", "typing", "unittest", "urllib.parse", "urllib.request",
-    "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile",
-)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
+@dataclasses.dataclass
+class AttentionStatistics:
+    """Second moments of the inputs an attention layer sees on real data.
 
-def _defined_in(member, module):
-    """Whether `member` is the module's own, not a replacement patched in.
-
-    Some libraries (PyTorch) replace standard-library functions at import;
-    their docstrings must not leak in, or the corpus would depend on what
-    else is imported.
+    Attributes:
+        query_moment: `(D_q, D_q)` second moment `E[x xᵀ]` of query inputs.
+        key_moment: `(D_k, D_k)` second moment of key inputs, centred per
+            sequence (a shift shared by every key of a sequence changes each
+            query's logits by a constant, which softmax cancels).
+        tokens: Number of (valid) query tokens the moments were estimated on.
     """
-    if getattr(member, "__module__", None) != module.__name__:
-        return False
-    code = getattr(member, "__code__", None)
-    return code is None or code.co_filename == getattr(module, "__file__", None)
+
+    query_moment: np.ndarray
+    key_moment: np.ndarray
+    tokens: int = 0
 
 
-def _docstrings(module):
-    yield inspect.getdoc(module) or ""
-    for _, member in inspect.getmembers(module):
-        if not _defined_in(member, module):
-            continue
-        if inspect.isclass(member) or inspect.isfunction(member):
-            yield inspect.getdoc(member) or ""
-            if inspect.isclass(member):
-                for _, method in inspect.getmembers(member, inspect.isfunction):
-                    yield inspect.getdoc(method) or ""
+def as_batches(calibration_data):
+    """A list of batches from `None`, one batch, or a list/tuple of them."""
+    if calibration_data is None:
+        return []
+    if isinstance(calibration_data, (list, tuple)):
+        return list(calibration_data)
+    return [calibration_data]
 
 
-def _sentences(text):
-    # Paragraphs first: docstrings wrap lines inside a sentence.
-    for paragraph in re.split(r"\n\s*\n", text):
-        flat = " ".join(paragraph.split())
-        for sentence in _SENTENCE_END.split(flat):
-            words = sentence.split()
-            if (
-                8 <= len(words) <= 40
-                and sentence[0].isupper()
-                and sentence.endswith(".")
-                and sentence.isascii()
-                and not any(c in sentence for c in "{}[]<>=|\\")
-            ):
-                yield sentence
+def as_statistics(calibration):
+    """`AttentionStatistics` from statistics or from raw input activations:
+    an `(N, T, D)` array of self-attention inputs, or a `(query, key)`
+    pair of them for cross-attention."""
+    if isinstance(calibration, AttentionStatistics):
+        return calibration
+    if isinstance(calibration, (tuple, list)) and len(calibration) == 2:
+        query, key = (
+            np.asarray(keras.ops.convert_to_numpy(x)) for x in calibration
+        )
+    else:
+        query = key = np.asarray(keras.ops.convert_to_numpy(calibration))
+    if query.ndim != 3 or key.ndim != 3:
+        raise ValueError(
+            "`calibration` activations must have shape (N, T, D). Received "
+            f"shapes {query.shape} and {key.shape}."
+        )
+    return AttentionStatistics(
+        query_moment=second_moment(query),
+        key_moment=second_moment(key, center_per_sequence=True),
+        tokens=query.shape[0] * query.shape[1],
+    )
 
 
-def builtin_corpus(count=None, seed=0):
-    """English sentences from the standard library's docstrings.
-
-    Deterministic for a given Python version: modules are read in a fixed
-    order, duplicates dropped, and the result shuffled with `seed`.
-
-    Args:
-        count: How many sentences to return (all when `None`).
-        seed: Seed of the shuffle.
-
-    Returns:
-        A list of strings.
-
-    Example:
-
-    >>> sentences = builtin_corpus(4)
-    >>> len(sentences)
-    4
-    """
-    seen, corpus = set(), []
-    for name in _CORPUS_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # a trimmed Python build may lack a module
-            continue
-        for doc in _docstrings(module):
-            for sentence in _sentences(doc):
-                if sentence not in seen:
-                    seen.add(sentence)
-                    corpus.append(sentence)
-    random.Random(seed).shuffle(corpus)
-    return corpus if count is None else corpus[:count]
-
+def collect_statistics(model, sites, calibration_data):
+    """Runs `model` eagerly on the calibration batches and returns
+    `{site path: AttentionStatistics}` of the inputs each site sees."""
+    layers = {site.path: site.layer for site in sites}
+    with record_attention_inputs(layers) as records:
+        for batch in as_batches(calibration_data):
+            model(batch, training=False)
+    return attention_statistics(records)
 
 @contextlib.contextmanager
 def record_attention_inputs(layers):

@@ -18,9 +18,9 @@ class ConcatenateMixing(keras.initializers.Initializer):
 
     Example:
 
-    >>> ConcatenateMixing()((2, 4))
-    array([[1., 1., 0., 0.],
-           [0., 0., 1., 1.]], dtype=float32)
+    >>> mixing = ConcatenateMixing()((2, 4))
+    >>> keras.ops.convert_to_numpy(mixing).tolist()
+    [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
     """
 
     def __call__(self, shape, dtype=None):
@@ -58,3 +58,16 @@ def get_mixing_initializer(identifier, num_heads, key_dim, shared_key_dim):
             stddev=math.sqrt(key_dim / shared_key_dim)
         )
     return keras.initializers.get(identifier)
+
+
+def clone_initializer(initializer):
+    """A fresh copy of `initializer`, so that two weights drawn from one
+    user-given initializer object get different values.
+
+    KerasHub has the same helper (`keras_hub.src.utils.keras_utils`); the
+    layer does not depend on KerasHub, hence this copy. Identifiers that are
+    not `Initializer` objects are returned as they are.
+    """
+    if not isinstance(initializer, keras.initializers.Initializer):
+        return initializer
+    return initializer.__class__.from_config(initializer.get_config())

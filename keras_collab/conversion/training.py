@@ -1,0 +1,76 @@
+"""What refinement and distillation share: a model that trains in inference
+mode, and a context in which only the query/key side is trainable."""
+
+import contextlib
+
+import keras
+
+
+class InferenceModeModel(keras.Model):
+    """Runs `function(wrapped, inputs)` with `training=False` inside `fit`.
+
+    `fit` calls its model with `training=True`, which reaches every layer (a
+    `training=False` recorded in a functional graph does not survive it);
+    attention dropout would then make the student's outputs noisy copies of
+    what the teacher's targets were computed without. `function` passes
+    `training=False` explicitly, inside `call`, which keeps dropout off
+    while the weights train.
+
+    Args:
+        wrapped: The layer or model whose weights train; tracked, so that
+            its variables are this model's.
+        function: `function(wrapped, inputs)` returns the trained output and
+            must call `wrapped` with `training=False`.
+        name: Model name (TensorFlow rejects names that start with "_").
+    """
+
+    def __init__(self, wrapped, function, name, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.wrapped = wrapped
+        self._function = function
+
+    def call(self, inputs):
+        return self._function(self.wrapped, inputs)
+
+
+@contextlib.contextmanager
+def only_query_key_trainable(model, layers):
+    """Inside the context, only the `query_key_variables` of `layers`
+    (collaborative layers inside `model`) are trainable; every layer's
+    `trainable` flag is restored on exit, whatever happens.
+
+    Yields:
+        The trainable variables, checked to be exactly those.
+
+    Raises:
+        RuntimeError: if another variable stayed trainable.
+    """
+    flattened = list(model._flatten_layers(include_self=True))
+    saved = [(layer, layer.trainable) for layer in flattened]
+    try:
+        for layer in flattened:
+            # Leaf layers own the weights; containers stay trainable so that
+            # the collaborative layers below them can be unfrozen. Setting a
+            # container's flag also sets its sublayers', so containers come
+            # first in this (top-down) order.
+            leaf = not list(layer._flatten_layers(include_self=False))
+            layer.trainable = not leaf
+        expected = {}
+        for layer in layers:
+            for sublayer in layer._flatten_layers(include_self=False):
+                sublayer.trainable = False
+            layer.query_dense.trainable = True
+            layer.key_dense.trainable = True
+            for variable in layer.query_key_variables:
+                expected[id(variable)] = variable
+        trainable = model.trainable_weights
+        unexpected = [v.path for v in trainable if id(v) not in expected]
+        if unexpected:
+            raise RuntimeError(
+                "Could not freeze everything but the collaborative query/key "
+                f"weights; still trainable: {unexpected}"
+            )
+        yield trainable
+    finally:
+        for layer, trainable in reversed(saved):
+            layer.trainable = trainable
