@@ -194,10 +194,9 @@ def _progress_line(row):
 
 
 def _minilm(config, record, document):
+    from benchmarks import minilm
     from keras_collab.conversion import per_head_kernels
     from keras_collab.convert import convert_model
-
-    from benchmarks import minilm
 
     bench = minilm.load(calibration_count=config["calibration_texts"])
     config["minilm"] = minilm.describe(bench)

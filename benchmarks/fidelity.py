@@ -396,7 +396,7 @@ def _markdown(document, rows):
         "`sequence_output` over real tokens (as `keras_collab.presets.fidelity`).",
         "",
         f"- published: the published procedure, `parafac(W_Q W_Kᵀ per head, "
-        f"D̃, init=\"random\", tol={config['parafac_tol']})` with "
+        f'D̃, init="random", tol={config["parafac_tol"]})` with '
         f"n_iter_max = {config['parafac_max_iter']} (TensorLy's default is 100), "
         "seed 0, on the full tensor of each layer; its factors overwrite the "
         "query/key kernels and mixing of `convert_model(backbone, D̃, "

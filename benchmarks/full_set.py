@@ -142,9 +142,7 @@ def report(document, output_dir, stem):
         f"`{metadata['command']}`; load average "
         f"{metadata['load_average_at_start'][0]:.2f} at start",
         "",
-        common.markdown_table(
-            ["suite", "minutes", "status", "results"], rows
-        ),
+        common.markdown_table(["suite", "minutes", "status", "results"], rows),
         "",
         f"Total: {total_s / 60:.1f} min, {within} the budget of "
         f"{budget_s / 60:.0f} min.",

@@ -141,7 +141,9 @@ def describe(workbench):
         "model_dim": int(layer.query_dense.kernel.shape[0]),
         "num_heads": int(layer.num_heads),
         "key_dim": int(layer.key_dim),
-        "calibration_texts": _calibration_slices(workbench.texts["calibration"]),
+        "calibration_texts": _calibration_slices(
+            workbench.texts["calibration"]
+        ),
         "held_out_texts": (
             f"builtin_corpus()[256:{256 + workbench.texts['held_out']}]"
         ),

@@ -24,9 +24,7 @@ def make_data(samples, seed):
 def transformer_classifier(shared_key_dim=32):
     tokens = keras.Input((LENGTH,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(VOCABULARY, WIDTH)(tokens)
-    positions = keras.layers.Embedding(LENGTH, WIDTH)(
-        keras.ops.arange(LENGTH)
-    )
+    positions = keras.layers.Embedding(LENGTH, WIDTH)(keras.ops.arange(LENGTH))
     x = x + positions
     # 4 heads of key_dim 16 would need 64 key/query dimensions; they share 32.
     attention = CollaborativeMultiHeadAttention(

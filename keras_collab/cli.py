@@ -32,9 +32,7 @@ def _shared_key_dim(text):
     try:
         return parse_shared_key_dim(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"--shared-key-dim: {error}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"--shared-key-dim: {error}") from None
 
 
 def _parser():
@@ -157,7 +155,9 @@ def convert(args):
         )
     output = args.output or DEFAULT_OUTPUT
     if os.path.exists(output) and not args.force:
-        raise ValueError(f"Output '{output}' exists; pass --force to replace it.")
+        raise ValueError(
+            f"Output '{output}' exists; pass --force to replace it."
+        )
     if os.path.abspath(output) == os.path.abspath(source):
         raise ValueError("--output must differ from SOURCE.")
     loaded = sources.load_source(source, args.sequence_length)
@@ -195,7 +195,8 @@ def _conversion_report(args, source, output, result, fidelity):
         row = {
             "layer": path,
             "shared_key_dim": conversion.shared_key_dim,
-            "full_key_dim": conversion.layer.num_heads * conversion.layer.key_dim,
+            "full_key_dim": conversion.layer.num_heads
+            * conversion.layer.key_dim,
             "relative_error": conversion.relative_error,
             "iterations": conversion.iterations,
             "qk_params_before": conversion.qk_params_before,
@@ -216,7 +217,9 @@ def _conversion_report(args, source, output, result, fidelity):
         "samples": 0 if args.no_calibration else args.samples,
         "sequence_length": args.sequence_length,
         "refine_steps": args.refine_steps,
-        "refine_objective": args.refine_objective if args.refine_steps else None,
+        "refine_objective": args.refine_objective
+        if args.refine_steps
+        else None,
         "distill_steps": args.distill_steps,
         "distillation": result.distillation or None,
         "target_error": args.target_error,
@@ -276,7 +279,8 @@ def format_report(report):
         "",
         f"Query/key parameters: {report['qk_params_before']:,} -> "
         f"{report['qk_params_after']:,} "
-        f"({report['qk_params_before'] / report['qk_params_after']:.2f}x fewer)",
+        f"({_ratio(report['qk_params_before'], report['qk_params_after'])}"
+        " fewer)",
         f"Model parameters:     {report['total_params_before']:,} -> "
         f"{report['total_params_after']:,}",
         _fidelity_line(fidelity, fidelity.get("output")),
@@ -288,6 +292,10 @@ def format_report(report):
         "(model loading excluded)"
     )
     return "\n".join(lines)
+
+
+def _ratio(before, after):
+    return f"{before / after:.2f}x"
 
 
 def _fidelity_line(fidelity, output=None):

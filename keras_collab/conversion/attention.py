@@ -118,7 +118,8 @@ def parse_shared_key_dim(spec):
         )
     if spec <= 0:
         raise ValueError(
-            f"`shared_key_dim` must be positive. Received: shared_key_dim={spec}"
+            "`shared_key_dim` must be positive. Received: "
+            f"shared_key_dim={spec}"
         )
     if isinstance(spec, (float, np.floating)):
         if 0.0 < spec <= 1.0:

@@ -77,6 +77,7 @@ def collect_statistics(model, sites, calibration_data):
             model(batch, training=False)
     return attention_statistics(records)
 
+
 @contextlib.contextmanager
 def record_attention_inputs(layers):
     """Records the inputs of attention layers while a model runs eagerly.

@@ -1,10 +1,10 @@
 """Whole-model distillation of a converted model toward its source.
 
-Refinement (`keras_collab.conversion.refinement`) fits each attention layer on its own;
-what a user compares in the end is the model's output. Distillation trains
-the converted model's collaborative query/key side (shared projections,
-mixing, content bias: the only weights the conversion approximated) so that
-its outputs match the original's on unlabeled calibration batches, with
+Refinement (`keras_collab.conversion.refinement`) fits each attention layer
+on its own; what a user compares in the end is the model's output.
+Distillation trains the converted model's collaborative query/key side
+(shared projections, mixing, content bias: the only weights the conversion
+approximated) so that its outputs match the original's on unlabeled calibration batches, with
 every other weight frozen. It is the analogue of the paper's short
 re-fine-tuning after re-parametrization, without labels.
 """
@@ -88,7 +88,9 @@ def _mean_squared_error(model, items):
     total = count = 0.0
     for item in items:
         batch, target = item[0], item[1]
-        weights = item[2] if len(item) > 2 else np.ones(target.shape[:-1], "float32")
+        weights = (
+            item[2] if len(item) > 2 else np.ones(target.shape[:-1], "float32")
+        )
         error = ((_outputs_of(model, batch)[0] - target) ** 2).mean(axis=-1)
         error = error.reshape(weights.shape + (-1,)).mean(axis=-1)
         total += float((error * weights).sum())
@@ -139,7 +141,9 @@ def distill(
     Example:
 
     ```python
-    result = keras_collab.convert_model(backbone, 0.25, calibration_data=batches)
+    result = keras_collab.convert_model(
+        backbone, 0.25, calibration_data=batches
+    )
     keras_collab.distill(backbone, result.model, batches, steps=300)
     ```
     """
@@ -159,10 +163,13 @@ def distill(
     for batch in batches:
         target, mask_name = _outputs_of(teacher, batch)
         weights = _token_weights(batch, target, mask_name)
-        items.append((batch, target) if weights is None else (batch, target, weights))
+        items.append(
+            (batch, target) if weights is None else (batch, target, weights)
+        )
     if len({len(item) for item in items}) != 1:
         raise ValueError(
-            "Either every calibration batch or none must carry a `padding_mask`."
+            "Either every calibration batch or none must carry a "
+            "`padding_mask`."
         )
     keras.utils.set_random_seed(seed)
     with only_query_key_trainable(student, layers) as trainable:

@@ -48,7 +48,9 @@ def _recorded_inputs(model, layer, batches):
         full = np.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
         m = full if m is None else np.broadcast_to(m, full.shape)
         masks.append(
-            np.pad(m, [(0, 0), (0, queries - q.shape[1]), (0, keys - k.shape[1])])
+            np.pad(
+                m, [(0, 0), (0, queries - q.shape[1]), (0, keys - k.shape[1])]
+            )
         )
     return (
         np.concatenate([pad(q, queries) for q, _, _ in calls]),

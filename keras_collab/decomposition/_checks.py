@@ -44,8 +44,9 @@ def validate_kernels(query_kernels, key_kernels):
     return query_kernels, key_kernels
 
 
-def validate_factors(query_kernel, key_kernel, mixing, num_heads, query_dim,
-                      key_dim):
+def validate_factors(
+    query_kernel, key_kernel, mixing, num_heads, query_dim, key_dim
+):
     query_kernel = as_float_array(query_kernel, "query_kernel")
     key_kernel = as_float_array(key_kernel, "key_kernel")
     mixing = as_float_array(mixing, "mixing")
@@ -85,17 +86,23 @@ def validate_rank(rank, full_rank):
 
 
 def validate_tol(tol):
-    if isinstance(tol, bool) or not isinstance(
-        tol, (int, float, np.integer, np.floating)
-    ) or not tol >= 0.0:
-        raise ValueError(f"`tol` must be a non-negative float; received {tol!r}.")
+    if (
+        isinstance(tol, bool)
+        or not isinstance(tol, (int, float, np.integer, np.floating))
+        or not tol >= 0.0
+    ):
+        raise ValueError(
+            f"`tol` must be a non-negative float; received {tol!r}."
+        )
     return float(tol)
 
 
 def validate_max_iter(max_iter):
-    if isinstance(max_iter, bool) or not isinstance(
-        max_iter, (int, np.integer)
-    ) or max_iter < 0:
+    if (
+        isinstance(max_iter, bool)
+        or not isinstance(max_iter, (int, np.integer))
+        or max_iter < 0
+    ):
         raise ValueError(
             f"`max_iter` must be a non-negative integer; received {max_iter!r}."
         )
@@ -131,7 +138,9 @@ def validate_mask(mask, shape):
             f"received shape {mask.shape}."
         )
     if mask.dtype != bool:
-        raise ValueError(f"`mask` must be boolean; received dtype {mask.dtype}.")
+        raise ValueError(
+            f"`mask` must be boolean; received dtype {mask.dtype}."
+        )
     return mask
 
 
@@ -141,9 +150,11 @@ def candidate_ranks(candidates, head_dim, full_rank):
         return list(range(head_dim, full_rank + 1, head_dim))
     ranks = []
     for candidate in candidates:
-        if isinstance(candidate, bool) or not isinstance(
-            candidate, (int, np.integer)
-        ) or not 1 <= candidate <= full_rank:
+        if (
+            isinstance(candidate, bool)
+            or not isinstance(candidate, (int, np.integer))
+            or not 1 <= candidate <= full_rank
+        ):
             raise ValueError(
                 "`candidates` must hold integer ranks between 1 and "
                 f"H * d_k = {full_rank}; received {candidate!r}."

@@ -31,7 +31,6 @@ import math
 
 import numpy as np
 
-from keras_collab.decomposition._checks import as_float_array
 from keras_collab.decomposition._checks import candidate_ranks
 from keras_collab.decomposition._checks import validate_factors
 from keras_collab.decomposition._checks import validate_kernels
@@ -337,7 +336,8 @@ def rank_for_target_error(
         target_error, (int, float, np.integer, np.floating)
     ):
         raise ValueError(
-            f"`target_error` must be a float in (0, 1); received {target_error!r}."
+            "`target_error` must be a float in (0, 1); received "
+            f"{target_error!r}."
         )
     if not 0.0 < float(target_error) < 1.0:
         raise ValueError(
@@ -466,7 +466,11 @@ def _run_als(problem, query_kernel, key_kernel, tol, max_iter):
 
         previous_error = error
         mixing, error = _update_mixing(
-            problem, query_kernel, key_kernel, query_projections, key_projections
+            problem,
+            query_kernel,
+            key_kernel,
+            query_projections,
+            key_projections,
         )
         # A sweep that fails to improve (round-off can make it slightly
         # worse) has converged just as much as one that improves too little.
@@ -477,8 +481,9 @@ def _run_als(problem, query_kernel, key_kernel, tol, max_iter):
     return query_kernel, key_kernel, mixing, iterations, converged
 
 
-def _update_mixing(problem, query_kernel, key_kernel, query_projections,
-                   key_projections):
+def _update_mixing(
+    problem, query_kernel, key_kernel, query_projections, key_projections
+):
     """Least-squares `M` given `U`, `V`; returns it with the new error.
 
     The error comes almost for free from quantities the update already has:
@@ -546,12 +551,16 @@ def _spectral_init(kernels, other_kernels, rank, rng):
     # The sign of a singular vector is arbitrary; fix it so the result does
     # not depend on the LAPACK build.
     peaks = np.argmax(np.abs(singular_vectors), axis=0)
-    signs = np.sign(singular_vectors[peaks, np.arange(singular_vectors.shape[1])])
+    signs = np.sign(
+        singular_vectors[peaks, np.arange(singular_vectors.shape[1])]
+    )
     singular_vectors = singular_vectors * np.where(signs == 0, 1.0, signs)
     missing = rank - singular_vectors.shape[1]
     if missing > 0:
         random_columns = _unit_columns(rng.standard_normal((dim, missing)))
-        singular_vectors = np.concatenate([singular_vectors, random_columns], axis=1)
+        singular_vectors = np.concatenate(
+            [singular_vectors, random_columns], axis=1
+        )
     return singular_vectors
 
 
@@ -565,7 +574,9 @@ def _balance_factors(query_kernel, key_kernel, mixing):
     neither kernel's activations dwarf the other's.
     """
     query_kernel, key_kernel, mixing = (
-        query_kernel.copy(), key_kernel.copy(), mixing.copy()
+        query_kernel.copy(),
+        key_kernel.copy(),
+        mixing.copy(),
     )
     peak_rows = np.argmax(np.abs(mixing), axis=0)
     peaks = mixing[peak_rows, np.arange(mixing.shape[1])]
@@ -611,8 +622,15 @@ def _concatenate_solution(query_kernels, key_kernels, query_weight, key_weight):
     )
 
 
-def _weighted_relative_error(query_kernels, key_kernels, query_kernel,
-                             key_kernel, mixing, query_weight, key_weight):
+def _weighted_relative_error(
+    query_kernels,
+    key_kernels,
+    query_kernel,
+    key_kernel,
+    mixing,
+    query_weight,
+    key_weight,
+):
     """Relative error, in the metric defined by the (undamped) weights."""
     query_root = psd_square_root(query_weight)
     key_root = psd_square_root(key_weight)
@@ -649,8 +667,9 @@ def _tensor_norm_sq(query_kernels, key_kernels):
     return float(np.sum(cores * cores))
 
 
-def _residual_norm_sq(query_kernels, key_kernels, query_kernel, key_kernel,
-                      mixing):
+def _residual_norm_sq(
+    query_kernels, key_kernels, query_kernel, key_kernel, mixing
+):
     """`sum_h ||A_h B_h^T - U diag(M[h]) V^T||_F^2`, exactly and cheaply.
 
     Write `A_h = Q_U C_h + W_h R_h` with `Q_U` an orthonormal basis of
@@ -677,8 +696,10 @@ def _residual_norm_sq(query_kernels, key_kernels, query_kernel, key_kernel,
     bottom_left = query_outside @ np.swapaxes(key_inside, 1, 2)
     bottom_right = query_outside @ np.swapaxes(key_outside, 1, 2)
     return float(
-        sum(np.sum(block * block)
-            for block in (top_left, top_right, bottom_left, bottom_right))
+        sum(
+            np.sum(block * block)
+            for block in (top_left, top_right, bottom_left, bottom_right)
+        )
     )
 
 

@@ -8,6 +8,7 @@ from keras_collab.decomposition._checks import validate_tol
 from keras_collab.decomposition.cp import CPResult
 from keras_collab.decomposition.cp import relative_error
 
+
 def reference_parafac(
     query_kernels,
     key_kernels,
@@ -59,10 +60,14 @@ def reference_parafac(
     rank = validate_rank(rank, num_heads * head_dim)
     tol = validate_tol(tol)
     if init not in ("random", "svd"):
-        raise ValueError(f"`init` must be 'random' or 'svd'; received {init!r}.")
-    if isinstance(n_iter_max, bool) or not isinstance(
-        n_iter_max, (int, np.integer)
-    ) or n_iter_max < 1:
+        raise ValueError(
+            f"`init` must be 'random' or 'svd'; received {init!r}."
+        )
+    if (
+        isinstance(n_iter_max, bool)
+        or not isinstance(n_iter_max, (int, np.integer))
+        or n_iter_max < 1
+    ):
         raise ValueError(
             f"`n_iter_max` must be a positive integer; received {n_iter_max!r}."
         )

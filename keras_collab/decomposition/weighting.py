@@ -87,7 +87,9 @@ def second_moment(inputs, mask=None, center_per_sequence=False):
         counts = mask.sum(axis=1, keepdims=True)[..., None]
         # Fully padded sequences have no mean; their tokens are all masked
         # out below anyway, so any finite placeholder works.
-        means = (inputs * valid).sum(axis=1, keepdims=True) / np.maximum(counts, 1)
+        means = (inputs * valid).sum(axis=1, keepdims=True) / np.maximum(
+            counts, 1
+        )
         inputs = inputs - means
     tokens = (inputs * valid).reshape(-1, inputs.shape[-1])
     moment = tokens.T @ tokens / num_valid

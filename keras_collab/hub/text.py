@@ -21,16 +21,61 @@ from keras_collab.hub.sources import is_seq2seq
 # Standard-library modules with long, well-written English docstrings.
 # `inspect` is left out: PyTorch replaces some of its functions at import.
 _CORPUS_MODULES = (
-    "argparse", "asyncio", "calendar", "collections", "concurrent.futures",
-    "configparser", "contextlib", "csv", "dataclasses", "datetime",
-    "decimal", "difflib", "email", "enum", "fractions", "functools",
-    "gettext", "heapq", "http.client", "http.server", "imaplib",
-    "ipaddress", "json", "logging", "mailbox", "multiprocessing", "pathlib",
-    "pickle", "pydoc", "queue", "random", "sched", "shutil", "smtplib",
-    "socket", "socketserver", "sqlite3", "statistics", "string",
-    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit",
-    "tokenize", "typing", "unittest", "urllib.parse", "urllib.request",
-    "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile",
+    "argparse",
+    "asyncio",
+    "calendar",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "gettext",
+    "heapq",
+    "http.client",
+    "http.server",
+    "imaplib",
+    "ipaddress",
+    "json",
+    "logging",
+    "mailbox",
+    "multiprocessing",
+    "pathlib",
+    "pickle",
+    "pydoc",
+    "queue",
+    "random",
+    "sched",
+    "shutil",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "weakref",
+    "xml.dom.minidom",
+    "zipfile",
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -184,7 +229,9 @@ def _mask_of(key, masks):
     """The `*padding_mask` key whose prefix (`""`, `"encoder_"`, ...) is the
     longest one `key` starts with, or `None`."""
     prefixes = [m[: -len("padding_mask")] for m in masks]
-    matching = [(len(p), m) for p, m in zip(prefixes, masks) if key.startswith(p)]
+    matching = [
+        (len(p), m) for p, m in zip(prefixes, masks) if key.startswith(p)
+    ]
     return max(matching)[1] if matching else None
 
 

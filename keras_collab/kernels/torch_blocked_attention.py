@@ -28,6 +28,7 @@ import torch
 # of 512 rows measured the same; benchmarks README).
 BLOCK_ELEMENTS = 1 << 21
 
+
 def is_supported(tensor):
     """Whether this kernel can compute attention on `tensor`'s device and
     dtype."""
@@ -71,16 +72,13 @@ def blocked_collaborative_attention(
     wants_gradients = torch.is_grad_enabled() and any(
         tensor is not None and tensor.requires_grad for tensor in inputs
     )
-    return _BlockedAttention.apply(
-        *inputs, mask, mask_value, wants_gradients
-    )
+    return _BlockedAttention.apply(*inputs, mask, mask_value, wants_gradients)
 
 
 def _row_blocks(num_heads, length, keys):
     rows = max(1, BLOCK_ELEMENTS // max(1, num_heads * keys))
     return [
-        (start, min(start + rows, length))
-        for start in range(0, length, rows)
+        (start, min(start + rows, length)) for start in range(0, length, rows)
     ]
 
 

@@ -63,8 +63,13 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
             raise ValueError(
                 "The cache slot of a key holds num_heads * key_dim = "
                 f"{slot} numbers, but shared_key_dim={self._shared_key_dim} "
-                + (f"plus {self._num_heads} content-bias logits " if self._use_content_bias else "")
-                + f"need {needed}. Use shared_key_dim <= {slot - self._num_heads} "
+                + (
+                    f"plus {self._num_heads} content-bias logits "
+                    if self._use_content_bias
+                    else ""
+                )
+                + f"need {needed}. Use shared_key_dim <= "
+                + f"{slot - self._num_heads} "
                 "or use_content_bias=False."
             )
         if self._value_dim != self._key_dim:

@@ -621,9 +621,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             return False
         backend = keras.backend.backend()
         if backend == "torch":
-            return bool(self._flash_attention) or _prefer_fused_on_torch(
-                tensor
-            )
+            return bool(self._flash_attention) or _prefer_fused_on_torch(tensor)
         return backend == "jax" and self._shared_key_dim == self._value_dim
 
     def _compute_collaborative_attention(
@@ -861,7 +859,11 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             full = tuple(outer) + tuple(query_positions) + tuple(key_positions)
             flat_mask = ops.reshape(
                 ops.broadcast_to(ops.cast(attention_mask, "bool"), full),
-                (-1, int(np.prod(query_positions)), int(np.prod(key_positions))),
+                (
+                    -1,
+                    int(np.prod(query_positions)),
+                    int(np.prod(key_positions)),
+                ),
             )
         context, scores = self._compute_collaborative_attention(
             flat_query,
@@ -1014,4 +1016,3 @@ def _config_like(mha, query_key):
         use_content_bias=query_key.content_bias is not None,
     )
     return config
-

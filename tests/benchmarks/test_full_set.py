@@ -34,9 +34,7 @@ def test_suite_commands_pass_backend_output_and_quick(tmp_path):
     assert "--backend" not in every_backend
 
 
-def test_runs_every_suite_in_order_and_reports_failures(
-    tmp_path, monkeypatch
-):
+def test_runs_every_suite_in_order_and_reports_failures(tmp_path, monkeypatch):
     ran = []
 
     def fake_run(command, env, check):

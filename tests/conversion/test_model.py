@@ -1,4 +1,5 @@
-"""Conversion of single layers and whole models, on every backend."""
+"""Conversion of whole models (`keras_collab.conversion.model`), on every
+backend."""
 
 import keras
 import numpy as np
@@ -7,9 +8,9 @@ from keras import ops
 
 import keras_collab
 from keras_collab import CollaborativeMultiHeadAttention
-from keras_collab.conversion import convert_attention
 from keras_collab.conversion import convert_model
 from keras_collab.conversion import find_sites
+from keras_collab.conversion.attention import is_collaborative
 from keras_collab.conversion.sites import find_attention_sites
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -31,74 +32,6 @@ def _mha(num_heads=3, key_dim=4, width=12):
 
 def _outputs(layer, x):
     return _numpy(layer(x, x, return_attention_scores=True)[0])
-
-
-class TestConvertAttention:
-    def test_exact_low_rank_layer_with_biases(self):
-        # Head 2 repeats head 1, so the per-head products have CP rank 4 < 6:
-        # a rank-4 conversion must be exact, query bias (carried by the
-        # content bias) and key bias (dropped) included.
-        mha = _mha(num_heads=3, key_dim=2, width=8)
-        for dense in (mha.query_dense, mha.key_dense):
-            kernel = _numpy(dense.kernel)
-            kernel[:, 2] = kernel[:, 1]
-            dense.kernel.assign(kernel)
-        query_bias = _numpy(mha.query_dense.bias)
-        query_bias[2] = query_bias[1]
-        mha.query_dense.bias.assign(query_bias)
-        result = convert_attention(mha, shared_key_dim=4, tol=1e-12, max_iter=2000)
-        assert result.relative_error < 1e-5
-        x = RNG.normal(size=(2, 6, 8)).astype("float32")
-        np.testing.assert_allclose(
-            _outputs(result.layer, x), _outputs(mha, x), atol=1e-4
-        )
-        assert _numpy(result.layer.content_bias).std() > 0
-
-    def test_error_falls_as_shared_key_dim_grows(self):
-        mha = _mha(num_heads=4, key_dim=4, width=16)
-        errors = [
-            convert_attention(mha, shared_key_dim=d).relative_error
-            for d in (2, 4, 8, 12, 16)
-        ]
-        assert errors[-1] < 1e-6
-        assert all(a >= b - 1e-6 for a, b in zip(errors, errors[1:])), errors
-
-    def test_deterministic(self):
-        mha = _mha()
-        first = convert_attention(mha, shared_key_dim=5).layer
-        second = convert_attention(mha, shared_key_dim=5).layer
-        for a, b in zip(first.weights, second.weights):
-            np.testing.assert_array_equal(_numpy(a), _numpy(b))
-
-    def test_fraction_and_target_error(self):
-        mha = _mha(num_heads=4, key_dim=4, width=16)
-        assert convert_attention(mha, shared_key_dim=0.5).shared_key_dim == 8
-        # 1.0 is the whole, not one dimension; a whole float above 1 a size.
-        assert convert_attention(mha, shared_key_dim=1.0).shared_key_dim == 16
-        assert convert_attention(mha, shared_key_dim=12.0).shared_key_dim == 12
-        result = convert_attention(mha, target_error=0.3)
-        assert result.relative_error <= 0.3
-        assert result.shared_key_dim % 4 == 0
-
-    @pytest.mark.parametrize("bad", [0, 13, -1, 1.5])
-    def test_bad_shared_key_dim(self, bad):
-        with pytest.raises(ValueError, match="shared_key_dim"):
-            convert_attention(_mha(), shared_key_dim=bad)
-
-    def test_source_layer_is_untouched(self):
-        mha = _mha()
-        before = [_numpy(w).copy() for w in mha.weights]
-        layer = convert_attention(mha, shared_key_dim=4).layer
-        for variable in layer.weights:
-            variable.assign(np.zeros(variable.shape))
-        for old, new in zip(before, mha.weights):
-            np.testing.assert_array_equal(old, _numpy(new))
-
-    def test_unbuilt_and_wrong_layers(self):
-        with pytest.raises(ValueError, match="not built"):
-            convert_attention(keras.layers.MultiHeadAttention(2, 2))
-        with pytest.raises(ValueError, match="MultiHeadAttention"):
-            convert_attention(keras.layers.Dense(3))
 
 
 def _text_inputs(batch=2, length=8, vocabulary=40, segments=True):
@@ -205,7 +138,9 @@ def test_full_rank_is_exact_for_every_architecture(architecture):
     sites = find_sites(backbone)
     before = [_numpy(w).copy() for w in backbone.weights]
     result = convert_model(backbone)
-    assert type(result.model).__name__ == f"Collaborative{type(backbone).__name__}"
+    assert (
+        type(result.model).__name__ == f"Collaborative{type(backbone).__name__}"
+    )
     assert len(result.layers) == len(sites)
     if architecture == "albert":
         assert len(sites) == 1  # one shared layer, converted once
@@ -233,9 +168,7 @@ def test_reduced_rank_backbone_preset_round_trip(tmp_path):
     actual = _flat_outputs(restored, inputs)
     for key in expected:
         np.testing.assert_allclose(actual[key], expected[key], atol=1e-6)
-    layer = find_attention_sites(
-        restored, lambda l: isinstance(l, CollaborativeMultiHeadAttention)
-    )[0].layer
+    layer = find_attention_sites(restored, is_collaborative)[0].layer
     assert layer.shared_key_dim == 4
 
 
@@ -267,9 +200,7 @@ def test_functional_model_with_graph_level_attention(tmp_path):
     expected = _numpy(model(x))
     result = convert_model(model)
     np.testing.assert_allclose(_numpy(result.model(x)), expected, atol=1e-5)
-    assert isinstance(
-        result.model.layers[1], CollaborativeMultiHeadAttention
-    )
+    assert isinstance(result.model.layers[1], CollaborativeMultiHeadAttention)
     path = tmp_path / "model.keras"
     result.model.save(path)
     restored = keras.saving.load_model(path)
@@ -352,20 +283,6 @@ def test_refinement_needs_calibration():
     backbone, _ = _backbones()["bert"]
     with pytest.raises(ValueError, match="calibration_data"):
         convert_model(backbone, shared_key_dim=2, refine_steps=5)
-
-
-def test_convert_attention_with_raw_calibration_inputs():
-    mha = _mha(num_heads=4, key_dim=4, width=16)
-    scale = np.ones(16, dtype="float32")
-    scale[:3] = 10.0
-    x = (RNG.normal(size=(8, 6, 16)) * scale).astype("float32")
-    reference = _outputs(mha, x)
-    plain = convert_attention(mha, shared_key_dim=6).layer
-    aware = convert_attention(mha, shared_key_dim=6, calibration=x).layer
-    error = lambda layer: np.abs(_outputs(layer, x) - reference).mean()
-    assert error(aware) < error(plain)
-    with pytest.raises(ValueError, match="calibration"):
-        convert_attention(mha, shared_key_dim=6, calibration=x[0])
 
 
 def test_training_the_converted_model_leaves_the_source_intact():

@@ -113,7 +113,9 @@ def test_loss_ignores_padded_tokens(converted):
         noisy.append({**batch, "token_ids": token_ids})
     clean = distill(teacher, student, batches, steps=1, learning_rate=0.0)
     padded = distill(teacher, student, noisy, steps=1, learning_rate=0.0)
-    assert padded["loss_before"] == pytest.approx(clean["loss_before"], rel=1e-4)
+    assert padded["loss_before"] == pytest.approx(
+        clean["loss_before"], rel=1e-4
+    )
 
 
 def test_bad_input(converted):

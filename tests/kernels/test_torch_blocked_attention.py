@@ -57,9 +57,7 @@ def _kernel_inputs(batch=3, length=7, keys=9, heads=4, dim=6, value_dim=5):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 2 query rows, so that every test crosses block borders."""
-    monkeypatch.setattr(
-        torch_blocked_attention, "BLOCK_ELEMENTS", 2 * 4 * 9
-    )
+    monkeypatch.setattr(torch_blocked_attention, "BLOCK_ELEMENTS", 2 * 4 * 9)
 
 
 class TestKernel:
@@ -160,9 +158,7 @@ def _outputs_and_gradients(layer, query, value, **kwargs):
     value = torch.tensor(value, requires_grad=True)
     output = layer(query, value, **kwargs)
     weights = [w.value for w in layer.trainable_weights]
-    grads = torch.autograd.grad(
-        output.square().sum(), [query, value] + weights
-    )
+    grads = torch.autograd.grad(output.square().sum(), [query, value] + weights)
     return output.detach().numpy(), [g.numpy() for g in grads]
 
 

@@ -1,0 +1,212 @@
+"""Conversion of single attention layers (`conversion.attention`), on
+every backend."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_collab.conversion import convert_attention
+
+keras_hub = pytest.importorskip("keras_hub")
+RNG = np.random.default_rng(3)
+
+
+def _numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+def _mha(num_heads=3, key_dim=4, width=12):
+    mha = keras.layers.MultiHeadAttention(
+        num_heads=num_heads, key_dim=key_dim, bias_initializer="random_normal"
+    )
+    x = RNG.normal(size=(2, 5, width)).astype("float32")
+    mha(x, x)
+    return mha
+
+
+def _outputs(layer, x):
+    return _numpy(layer(x, x, return_attention_scores=True)[0])
+
+
+def _text_inputs(batch=2, length=8, vocabulary=40, segments=True):
+    token_ids = RNG.integers(1, vocabulary, size=(batch, length))
+    padding_mask = np.ones((batch, length), dtype=bool)
+    padding_mask[1, length // 2 :] = False
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if segments:
+        inputs["segment_ids"] = np.zeros((batch, length), dtype="int32")
+    return inputs
+
+
+SMALL = dict(num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16)
+
+
+def _backbones():
+    text = dict(vocabulary_size=40, max_sequence_length=16, **SMALL)
+    cases = {
+        "bert": (keras_hub.models.BertBackbone(**text), _text_inputs()),
+        "roberta": (
+            keras_hub.models.RobertaBackbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "xlm_roberta": (
+            keras_hub.models.XLMRobertaBackbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "distil_bert": (
+            keras_hub.models.DistilBertBackbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "albert": (
+            keras_hub.models.AlbertBackbone(
+                vocabulary_size=40,
+                num_layers=4,
+                num_heads=2,
+                embedding_dim=8,
+                hidden_dim=8,
+                intermediate_dim=16,
+                num_groups=1,
+                num_inner_repetitions=1,
+                max_sequence_length=16,
+            ),
+            _text_inputs(),
+        ),
+        "electra": (
+            keras_hub.models.ElectraBackbone(
+                vocab_size=40, embedding_dim=8, max_sequence_length=16, **SMALL
+            ),
+            _text_inputs(),
+        ),
+        "gpt2": (
+            keras_hub.models.GPT2Backbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "opt": (
+            keras_hub.models.OPTBackbone(**text),
+            _text_inputs(segments=False),
+        ),
+        "bart": (
+            keras_hub.models.BartBackbone(**text),
+            {
+                "encoder_token_ids": RNG.integers(1, 40, size=(2, 7)),
+                "encoder_padding_mask": np.ones((2, 7), dtype=bool),
+                "decoder_token_ids": RNG.integers(1, 40, size=(2, 5)),
+                "decoder_padding_mask": np.ones((2, 5), dtype=bool),
+            },
+        ),
+    }
+    if hasattr(keras_hub.models, "ViTBackbone"):
+        cases["vit"] = (
+            keras_hub.models.ViTBackbone(
+                image_shape=(8, 8, 3),
+                patch_size=4,
+                num_layers=2,
+                num_heads=2,
+                hidden_dim=8,
+                mlp_dim=16,
+            ),
+            RNG.normal(size=(2, 8, 8, 3)).astype("float32"),
+        )
+    return cases
+
+
+def _flat_outputs(model, inputs):
+    outputs = model(inputs)
+    if isinstance(outputs, dict):
+        return {k: _numpy(v) for k, v in outputs.items()}
+    return {"output": _numpy(outputs)}
+
+
+def _randomize_biases(model):
+    # Fresh backbones have zero biases; make the query/key biases matter.
+    for variable in model.weights:
+        if variable.path.endswith("bias"):
+            variable.assign(RNG.normal(size=variable.shape) * 0.5)
+
+
+class TestConvertAttention:
+    def test_exact_low_rank_layer_with_biases(self):
+        # Head 2 repeats head 1, so the per-head products have CP rank 4 < 6:
+        # a rank-4 conversion must be exact, query bias (carried by the
+        # content bias) and key bias (dropped) included.
+        mha = _mha(num_heads=3, key_dim=2, width=8)
+        for dense in (mha.query_dense, mha.key_dense):
+            kernel = _numpy(dense.kernel)
+            kernel[:, 2] = kernel[:, 1]
+            dense.kernel.assign(kernel)
+        query_bias = _numpy(mha.query_dense.bias)
+        query_bias[2] = query_bias[1]
+        mha.query_dense.bias.assign(query_bias)
+        result = convert_attention(
+            mha, shared_key_dim=4, tol=1e-12, max_iter=2000
+        )
+        assert result.relative_error < 1e-5
+        x = RNG.normal(size=(2, 6, 8)).astype("float32")
+        np.testing.assert_allclose(
+            _outputs(result.layer, x), _outputs(mha, x), atol=1e-4
+        )
+        assert _numpy(result.layer.content_bias).std() > 0
+
+    def test_error_falls_as_shared_key_dim_grows(self):
+        mha = _mha(num_heads=4, key_dim=4, width=16)
+        errors = [
+            convert_attention(mha, shared_key_dim=d).relative_error
+            for d in (2, 4, 8, 12, 16)
+        ]
+        assert errors[-1] < 1e-6
+        assert all(a >= b - 1e-6 for a, b in zip(errors, errors[1:])), errors
+
+    def test_deterministic(self):
+        mha = _mha()
+        first = convert_attention(mha, shared_key_dim=5).layer
+        second = convert_attention(mha, shared_key_dim=5).layer
+        for a, b in zip(first.weights, second.weights):
+            np.testing.assert_array_equal(_numpy(a), _numpy(b))
+
+    def test_fraction_and_target_error(self):
+        mha = _mha(num_heads=4, key_dim=4, width=16)
+        assert convert_attention(mha, shared_key_dim=0.5).shared_key_dim == 8
+        # 1.0 is the whole, not one dimension; a whole float above 1 a size.
+        assert convert_attention(mha, shared_key_dim=1.0).shared_key_dim == 16
+        assert convert_attention(mha, shared_key_dim=12.0).shared_key_dim == 12
+        result = convert_attention(mha, target_error=0.3)
+        assert result.relative_error <= 0.3
+        assert result.shared_key_dim % 4 == 0
+
+    @pytest.mark.parametrize("bad", [0, 13, -1, 1.5])
+    def test_bad_shared_key_dim(self, bad):
+        with pytest.raises(ValueError, match="shared_key_dim"):
+            convert_attention(_mha(), shared_key_dim=bad)
+
+    def test_source_layer_is_untouched(self):
+        mha = _mha()
+        before = [_numpy(w).copy() for w in mha.weights]
+        layer = convert_attention(mha, shared_key_dim=4).layer
+        for variable in layer.weights:
+            variable.assign(np.zeros(variable.shape))
+        for old, new in zip(before, mha.weights):
+            np.testing.assert_array_equal(old, _numpy(new))
+
+    def test_unbuilt_and_wrong_layers(self):
+        with pytest.raises(ValueError, match="not built"):
+            convert_attention(keras.layers.MultiHeadAttention(2, 2))
+        with pytest.raises(ValueError, match="MultiHeadAttention"):
+            convert_attention(keras.layers.Dense(3))
+
+
+def test_convert_attention_with_raw_calibration_inputs():
+    mha = _mha(num_heads=4, key_dim=4, width=16)
+    scale = np.ones(16, dtype="float32")
+    scale[:3] = 10.0
+    x = (RNG.normal(size=(8, 6, 16)) * scale).astype("float32")
+    reference = _outputs(mha, x)
+    plain = convert_attention(mha, shared_key_dim=6).layer
+    aware = convert_attention(mha, shared_key_dim=6, calibration=x).layer
+
+    def error(layer):
+        return np.abs(_outputs(layer, x) - reference).mean()
+
+    assert error(aware) < error(plain)
+    with pytest.raises(ValueError, match="calibration"):
+        convert_attention(mha, shared_key_dim=6, calibration=x[0])

@@ -1,0 +1,193 @@
+"""Tests for `keras_collab.decomposition` (pure NumPy, backend independent).
+
+Every error the solver reports is checked against an independent brute-force
+computation on the full `D_q x H x D_k` tensor, which the solver itself never
+forms.
+"""
+
+import numpy as np
+import pytest
+
+from keras_collab.decomposition import collaborative_cp
+from keras_collab.decomposition import second_moment
+
+
+def _random_kernels(rng, num_heads=4, query_dim=24, key_dim=20, head_dim=8):
+    query_kernels = rng.standard_normal((num_heads, query_dim, head_dim))
+    key_kernels = rng.standard_normal((num_heads, key_dim, head_dim))
+    return query_kernels, key_kernels
+
+
+def _full_tensor(query_kernels, key_kernels):
+    """Slices `A_h B_h^T`, shape `(H, D_q, D_k)`."""
+    return np.einsum("hik,hjk->hij", query_kernels, key_kernels)
+
+
+def _reconstruction(query_kernel, key_kernel, mixing):
+    """Slices `U diag(M[h]) V^T`, shape `(H, D_q, D_k)`."""
+    return np.einsum("ir,hr,jr->hij", query_kernel, mixing, key_kernel)
+
+
+def _psd_sqrt(matrix):
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (
+        eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))
+    ) @ eigenvectors.T
+
+
+def _brute_force_error(
+    query_kernels,
+    key_kernels,
+    query_kernel,
+    key_kernel,
+    mixing,
+    query_weight=None,
+    key_weight=None,
+):
+    target = _full_tensor(query_kernels, key_kernels)
+    residual = target - _reconstruction(query_kernel, key_kernel, mixing)
+    if query_weight is not None:
+        root = _psd_sqrt(query_weight)
+        target, residual = root @ target, root @ residual
+    if key_weight is not None:
+        root = _psd_sqrt(key_weight)
+        target, residual = target @ root, residual @ root
+    return np.linalg.norm(residual) / np.linalg.norm(target)
+
+
+def _anisotropic_samples(rng, num_samples, dim, decay):
+    """Rows with a strongly decaying spectrum in a random orthonormal basis."""
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    scales = decay ** np.arange(dim)
+    return rng.standard_normal((num_samples, dim)) * scales @ basis.T
+
+
+def _rank(result):
+    return result.mixing.shape[1]
+
+
+# ---------------------------------------------------------------------------
+# Error computation
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Solutions
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Activation-aware weighting
+# ---------------------------------------------------------------------------
+
+
+def _weighted_setup():
+    rng = np.random.default_rng(11)
+    query_kernels, key_kernels = _random_kernels(rng)
+    query_samples = _anisotropic_samples(rng, 300, 24, 0.75)
+    key_samples = _anisotropic_samples(rng, 250, 20, 0.7)
+    return query_kernels, key_kernels, query_samples, key_samples
+
+
+# ---------------------------------------------------------------------------
+# second_moment
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# rank_for_target_error
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# reference_parafac
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+
+def _valid_arguments():
+    rng = np.random.default_rng(20)
+    return _random_kernels(rng, num_heads=3, query_dim=6, key_dim=5, head_dim=2)
+
+
+def test_singular_weight_is_damped():
+    # Fewer samples than dimensions: S is singular, S^{-1/2} needs damping.
+    query_kernels, key_kernels, query_samples, _ = _weighted_setup()
+    query_samples = query_samples[:10]
+    result = collaborative_cp(
+        query_kernels,
+        key_kernels,
+        8,
+        query_weight=second_moment(query_samples),
+        max_iter=50,
+    )
+    assert np.all(np.isfinite(result.query_kernel))
+    assert result.relative_error < 0.5
+
+
+def test_second_moment_with_mask():
+    rng = np.random.default_rng(12)
+    inputs = rng.standard_normal((3, 5, 4))
+    mask = rng.random((3, 5)) < 0.6
+    mask[0, 0] = True
+    tokens = inputs[mask]
+    np.testing.assert_allclose(
+        second_moment(inputs, mask), tokens.T @ tokens / len(tokens), rtol=1e-12
+    )
+    all_tokens = inputs.reshape(-1, 4)
+    np.testing.assert_allclose(
+        second_moment(inputs), all_tokens.T @ all_tokens / 15, rtol=1e-12
+    )
+
+
+def test_second_moment_centered_per_sequence():
+    rng = np.random.default_rng(13)
+    inputs = rng.standard_normal((4, 6, 3)) + 5.0  # Large shared offset.
+    mask = np.ones((4, 6), dtype=bool)
+    mask[1, 4:] = False
+    mask[2, 1:] = False
+    mask[3, :] = False  # A fully padded sequence contributes nothing.
+    centered = []
+    for sequence, valid in zip(inputs, mask):
+        if valid.any():
+            tokens = sequence[valid]
+            centered.append(tokens - tokens.mean(axis=0))
+    centered = np.concatenate(centered)
+    expected = centered.T @ centered / len(centered)
+    np.testing.assert_allclose(
+        second_moment(inputs, mask, center_per_sequence=True),
+        expected,
+        rtol=1e-12,
+        atol=1e-14,
+    )
+
+
+def test_second_moment_of_2d_inputs():
+    rng = np.random.default_rng(14)
+    inputs = rng.standard_normal((7, 3))
+    mask = np.array([True, False, True, True, False, True, True])
+    moment = second_moment(inputs, mask)
+    np.testing.assert_allclose(
+        moment, inputs[mask].T @ inputs[mask] / 5, rtol=1e-12
+    )
+    np.testing.assert_array_equal(moment, moment.T)
+
+
+@pytest.mark.parametrize(
+    "inputs, mask, center, match",
+    [
+        (np.zeros((2, 3)), None, True, "center_per_sequence"),
+        (np.zeros((2, 3, 4, 5)), None, False, "inputs"),
+        (np.zeros((2, 3, 4)), np.ones((2, 4), dtype=bool), False, "mask"),
+        (np.zeros((2, 3, 4)), np.ones((2, 3)), False, "mask"),
+        (np.zeros((2, 3, 4)), np.zeros((2, 3), dtype=bool), False, "mask"),
+        (np.full((2, 3), np.nan), None, False, "inputs"),
+    ],
+)
+def test_second_moment_rejects_bad_arguments(inputs, mask, center, match):
+    with pytest.raises(ValueError, match=match):
+        second_moment(inputs, mask, center_per_sequence=center)
