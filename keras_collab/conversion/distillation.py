@@ -4,9 +4,9 @@ Refinement (`keras_collab.conversion.refinement`) fits each attention layer
 on its own; what a user compares in the end is the model's output.
 Distillation trains the converted model's collaborative query/key side
 (shared projections, mixing, content bias: the only weights the conversion
-approximated) so that its outputs match the original's on unlabeled calibration batches, with
-every other weight frozen. It is the analogue of the paper's short
-re-fine-tuning after re-parametrization, without labels.
+approximated) so that its outputs match the original's on unlabeled
+calibration batches, with every other weight frozen. It is the analogue of
+the paper's short re-fine-tuning after re-parametrization, without labels.
 """
 
 import math
