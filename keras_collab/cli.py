@@ -117,6 +117,12 @@ def _parser():
     return parser
 
 
+def _output_of(args):
+    if args.command == "convert":
+        return os.path.abspath(args.output or DEFAULT_OUTPUT)
+    return os.path.abspath(args.directory)
+
+
 def _fail(message):
     print(f"keras-collab: error: {message}", file=sys.stderr)
     return 2
@@ -311,12 +317,25 @@ def _fidelity_line(fidelity, output=None):
     )
 
 
+# The exit status of a program stopped by SIGINT (128 + 2), as shells report.
+INTERRUPTED = 130
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
         result = convert(args) if args.command == "convert" else report(args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         return _fail(str(error))
+    except KeyboardInterrupt:
+        # `atomic_directory` has already removed its staging folder, and the
+        # output is only ever renamed into place once complete.
+        print(
+            f"keras-collab: interrupted; nothing was written to "
+            f"{_output_of(args)}.",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     if args.json:
         print(json.dumps(result, indent=2))
     else:

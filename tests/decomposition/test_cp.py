@@ -552,10 +552,3 @@ def test_relative_error_rejects_mismatched_factors():
             np.ones((5, 2)),
             np.ones((4, 2)),
         )
-
-
-def test_module_has_no_backend_dependency():
-    # The decomposition must run before any Keras backend is involved.
-    with open(decomposition.__file__) as module_file:
-        source = module_file.read()
-    assert "import keras" not in source
