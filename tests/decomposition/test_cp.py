@@ -8,7 +8,6 @@ forms.
 import numpy as np
 import pytest
 
-from keras_collab import decomposition
 from keras_collab.decomposition import CPResult
 from keras_collab.decomposition import collaborative_cp
 from keras_collab.decomposition import rank_for_target_error

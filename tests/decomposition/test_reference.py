@@ -1,9 +1,4 @@
-"""Tests for `keras_collab.decomposition` (pure NumPy, backend independent).
-
-Every error the solver reports is checked against an independent brute-force
-computation on the full `D_q x H x D_k` tensor, which the solver itself never
-forms.
-"""
+"""The TensorLy PARAFAC baseline (`keras_collab.decomposition.reference`)."""
 
 import sys
 

@@ -1,9 +1,5 @@
-"""Tests for `keras_collab.decomposition` (pure NumPy, backend independent).
-
-Every error the solver reports is checked against an independent brute-force
-computation on the full `D_q x H x D_k` tensor, which the solver itself never
-forms.
-"""
+"""Input second moments (`keras_collab.decomposition.weighting`), pure
+NumPy, checked against sums written from the definition."""
 
 import numpy as np
 import pytest
