@@ -1,8 +1,13 @@
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks import __main__ as entry_point
+
+REPOSITORY_ROOT = Path(entry_point.__file__).resolve().parents[1]
 
 
 def test_every_registered_suite_has_a_main():
@@ -25,3 +30,16 @@ def test_suite_help_shows_suite_options(capsys):
 def test_unknown_suite_is_rejected():
     with pytest.raises(SystemExit):
         entry_point.main(["no_such_suite"])
+
+
+def test_suite_modules_do_not_import_keras():
+    # `python -m benchmarks <suite> --backend-all` imports the suite in a
+    # parent process that must stay backend-free.
+    code = (
+        "import sys, benchmarks.__main__ as m, importlib\n"
+        "for name in m.SUITES.values(): importlib.import_module(name)\n"
+        "assert 'keras' not in sys.modules, 'keras imported'\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=REPOSITORY_ROOT
+    )

@@ -1,0 +1,47 @@
+"""Command-line options of the suites, laid over their configurations."""
+
+
+def integers(text):
+    """Parses an option of comma-separated integers, e.g. `96,192`.
+
+    `""` gives `[]`, so that a list option can be emptied on the command line.
+    """
+    return [int(item) for item in text.split(",") if item.strip()]
+
+
+def add_threads_argument(parser):
+    """Adds `--threads`, the size of the BLAS/OpenMP pools to run with.
+
+    The suites that take it hand it to `limit_cpu_threads`, after turning
+    its 0 into `None`.
+    """
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="BLAS/OpenMP threads (default 1; 0: leave as loaded).",
+    )
+
+
+def config_with_options(args, full, quick, options):
+    """A suite's configuration: its `--quick` or full one, then its options.
+
+    Args:
+        args: The parsed command line; `args.quick` chooses the base.
+        full: The suite's full configuration.
+        quick: Its `--quick` configuration.
+        options: The attributes of `args` that override the configuration
+            key of the same name, or a mapping from such an attribute to the
+            key it overrides. An option that was not given (`None`) keeps
+            the base value.
+
+    Returns:
+        A new dict: `full` and `quick` stay as they are for the next run.
+    """
+    config = dict(quick if args.quick else full)
+    if not isinstance(options, dict):
+        options = {option: option for option in options}
+    for option, key in options.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            config[key] = value
+    return config
