@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import keras
@@ -23,3 +24,9 @@ def _seed_and_policy():
     np.random.seed(1234)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+# Shared by the CLI and hub tests; KerasHub is optional.
+if importlib.util.find_spec("keras_hub") is not None:
+    from tests.fixtures.presets import tiny_bart_preset  # noqa: F401
+    from tests.fixtures.presets import tiny_preset  # noqa: F401

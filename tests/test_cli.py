@@ -8,97 +8,20 @@ import numpy as np
 import pytest
 
 from keras_collab import cli
-from keras_collab.conversion import find_sites
 from keras_collab.hub import preset_files
 from keras_collab.hub import sources
 from keras_collab.hub import text
 from keras_collab.hub.text import builtin_corpus
 from tests.conftest import BACKEND
+from tests.fixtures.presets import WORDS  # noqa: F401
 
 keras_hub = pytest.importorskip("keras_hub")
-
-WORDS = (
-    "the a of to and in is it that for on with as are this be by an or "
-    "from at which not can if its was file object data value module"
-).split()
-
-
-@pytest.fixture(scope="module")
-def tiny_preset(tmp_path_factory):
-    """A small random BERT preset with a real word-piece tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny_bert")
-    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary),
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=512,
-    )
-    backbone.save_to_preset(str(directory))
-    tokenizer.save_to_preset(str(directory))
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
-def tiny_bart_preset(tmp_path_factory):
-    """A small random BART preset with a real byte-level BPE tokenizer.
-
-    The vocabulary holds every byte-level character, so any text tokenizes,
-    and merges that spell out `WORDS` (with their leading space, `Ġ`).
-    """
-    from keras_hub.src.tokenizers.byte_pair_tokenizer import bytes_to_unicode
-
-    directory = tmp_path_factory.mktemp("tiny_bart")
-    tokens = ["<s>", "<pad>", "</s>"] + list(bytes_to_unicode()[1])
-    merges = []
-    for word in WORDS:
-        pieces = ["\u0120"] + list(word)
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            if pieces[0] not in tokens:
-                tokens.append(pieces[0])
-    tokenizer = keras_hub.models.BartTokenizer(
-        vocabulary={token: index for index, token in enumerate(tokens)},
-        merges=merges,
-    )
-    backbone = keras_hub.models.BartBackbone(
-        vocabulary_size=len(tokens),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=64,
-    )
-    # KerasHub's small initial weights give near-uniform attention, which
-    # any D̃ reproduces; unit-scale query/key weights make attention peaked,
-    # so that full rank is a real test.
-    rng = np.random.default_rng(0)
-    for site in find_sites(backbone):
-        for dense in (site.layer.query_dense, site.layer.key_dense):
-            for variable in dense.weights:
-                variable.assign(rng.normal(size=variable.shape))
-    backbone.save_to_preset(str(directory))
-    tokenizer.save_to_preset(str(directory))
-    return str(directory)
 
 
 def _run(capsys, *argv):
     code = cli.main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def test_builtin_corpus_is_deterministic_english():
-    first, second = builtin_corpus(50), builtin_corpus(50)
-    assert first == second
-    assert len(set(first)) == 50
-    assert all(s[0].isupper() and s.endswith(".") for s in first)
 
 
 def test_convert_tiny_preset_end_to_end(tiny_preset, tmp_path, capsys):
@@ -262,31 +185,6 @@ BART_SITES = [
 ]
 
 
-def test_encode_seq2seq_trims_encoder_and_decoder(tiny_bart_preset):
-    preprocessor = sources.load_preprocessor(tiny_bart_preset, 64)
-    assert sources.is_seq2seq(preprocessor)
-    texts = ["the file", "a data value of the module object " * 3, "it"]
-    (batch,) = text.encode(preprocessor, texts)
-    assert sorted(batch) == [
-        "decoder_padding_mask",
-        "decoder_token_ids",
-        "encoder_padding_mask",
-        "encoder_token_ids",
-    ]
-    for prefix in ("encoder_", "decoder_"):
-        mask = batch[prefix + "padding_mask"]
-        assert batch[prefix + "token_ids"].shape == mask.shape
-        # Trimmed by its own mask to a multiple of 16, no real token lost.
-        assert mask.shape[1] % 16 == 0 and mask.shape[1] < 64
-        assert mask[:, -16:].any()
-    # The decoder reads the same text, behind two start markers.
-    assert (
-        batch["decoder_padding_mask"].sum(axis=1)
-        == batch["encoder_padding_mask"].sum(axis=1) + 1
-    ).all()
-    text.check_nonempty([batch])
-
-
 def test_convert_tiny_bart_end_to_end(
     tiny_bart_preset, tmp_path, capsys, monkeypatch
 ):
@@ -405,16 +303,6 @@ def test_unsupported_preprocessor_is_named(tmp_path, capsys):
     assert "No supported text preprocessor" in err
     assert "Seq2SeqLMPreprocessor" in err
     assert not os.path.exists(tmp_path / "out")
-
-
-def test_failed_conversion_leaves_nothing(tmp_path):
-    output = tmp_path / "atomic"
-    with pytest.raises(RuntimeError):
-        with preset_files.atomic_directory(str(output)) as staging:
-            open(os.path.join(staging, "partial"), "w").close()
-            raise RuntimeError("interrupted")
-    assert not output.exists()
-    assert os.listdir(tmp_path) == []
 
 
 def _leftovers(directory):
