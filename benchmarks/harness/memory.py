@@ -23,7 +23,7 @@ class PeakMemoryTracker:
     Args:
         backend: The Keras backend.
         accelerator_kind: `"cpu"`, `"gpu"` or `"tpu"`, as given by
-            `detect_accelerator`.
+            `metadata.detect_accelerator`.
     """
 
     def __init__(self, backend, accelerator_kind):

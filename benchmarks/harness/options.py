@@ -12,8 +12,8 @@ def integers(text):
 def add_threads_argument(parser):
     """Adds `--threads`, the size of the BLAS/OpenMP pools to run with.
 
-    The suites that take it hand it to `limit_cpu_threads`, after turning
-    its 0 into `None`.
+    The suites that take it hand it to `threads.limit_cpu_threads`, after
+    turning its 0 into `None`.
     """
     parser.add_argument(
         "--threads",

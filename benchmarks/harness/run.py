@@ -18,8 +18,10 @@ class SuiteRun:
         suite: Name of the suite.
         output_dir: Where its results go.
         start_time: `time.perf_counter()` when the suite's `main` started.
-        metadata: `collect_metadata` of this process, completed by `finish`.
-        document: The result document (`new_document`) the suite fills.
+        metadata: `metadata.collect_metadata` of this process, completed
+            by `finish`.
+        document: The result document (`documents.new_document`) the
+            suite fills.
     """
 
     suite: str
@@ -74,8 +76,8 @@ def start_run(suite, args, config, start_time, accelerator=None):
             what the suite adds to it later is saved too.
         start_time: `time.perf_counter()` when the suite's `main` started,
             so that the wall time includes importing the backend.
-        accelerator: The output of `detect_accelerator`, where the suite
-            already has it.
+        accelerator: The output of `metadata.detect_accelerator`, where
+            the suite already has it.
 
     Returns:
         A `SuiteRun` with an empty document.

@@ -516,6 +516,23 @@ def compare(rows):
     error at most PARAFAC's, and PASS/MISS of the issue's target (median
     speedup at least 10 and the structured error no higher on every layer).
     """
+    comparisons = []
+    for (backend, model, dim), pairs in _structured_parafac_pairs(rows):
+        comparison = _comparison(pairs)
+        comparisons.append(
+            {
+                "backend": backend,
+                "model": model,
+                "shared_key_dim": dim,
+                **comparison,
+            }
+        )
+    return comparisons
+
+
+def _structured_parafac_pairs(rows):
+    """`((backend, model, D̃), [{"structured": row, "parafac": row}])`, in
+    sorted order, over the layers where both methods ran."""
     by_layer = {}
     for row in rows:
         if row["method"] in ("structured", "parafac"):
@@ -523,50 +540,46 @@ def compare(rows):
             by_layer.setdefault(key, {}).setdefault(row["layer"], {})[
                 row["method"]
             ] = row
-    comparisons = []
-    for (backend, model, dim), layers in sorted(by_layer.items()):
+    for key, layers in sorted(by_layer.items()):
         pairs = [pair for pair in layers.values() if len(pair) == 2]
-        if not pairs:
-            continue
-        speedups = [
-            pair["parafac"]["seconds"] / pair["structured"]["seconds"]
-            for pair in pairs
-        ]
-        no_worse = sum(
-            pair["structured"]["relative_error"]
-            <= pair["parafac"]["relative_error"]
-            for pair in pairs
+        if pairs:
+            yield key, pairs
+
+
+def _comparison(pairs):
+    """Medians, speedup and target of structured vs. PARAFAC over `pairs`."""
+
+    def median_of(method, field):
+        return _median([pair[method][field] for pair in pairs])
+
+    speedup = float(
+        np.median(
+            [
+                pair["parafac"]["seconds"] / pair["structured"]["seconds"]
+                for pair in pairs
+            ]
         )
-        speedup = float(np.median(speedups))
-        comparisons.append(
-            {
-                "backend": backend,
-                "model": model,
-                "shared_key_dim": dim,
-                "layers": len(pairs),
-                "max_iter": pairs[0]["structured"]["max_iter"],
-                "structured_s": _median(
-                    [pair["structured"]["seconds"] for pair in pairs]
-                ),
-                "parafac_s": _median(
-                    [pair["parafac"]["seconds"] for pair in pairs]
-                ),
-                "speedup": speedup,
-                "structured_error": _median(
-                    [pair["structured"]["relative_error"] for pair in pairs]
-                ),
-                "parafac_error": _median(
-                    [pair["parafac"]["relative_error"] for pair in pairs]
-                ),
-                "structured_no_worse": no_worse,
-                "target": (
-                    "PASS"
-                    if speedup >= TARGET_SPEEDUP and no_worse == len(pairs)
-                    else "MISS"
-                ),
-            }
-        )
-    return comparisons
+    )
+    no_worse = sum(
+        pair["structured"]["relative_error"]
+        <= pair["parafac"]["relative_error"]
+        for pair in pairs
+    )
+    return {
+        "layers": len(pairs),
+        "max_iter": pairs[0]["structured"]["max_iter"],
+        "structured_s": median_of("structured", "seconds"),
+        "parafac_s": median_of("parafac", "seconds"),
+        "speedup": speedup,
+        "structured_error": median_of("structured", "relative_error"),
+        "parafac_error": median_of("parafac", "relative_error"),
+        "structured_no_worse": no_worse,
+        "target": (
+            "PASS"
+            if speedup >= TARGET_SPEEDUP and no_worse == len(pairs)
+            else "MISS"
+        ),
+    }
 
 
 def report(document, output_dir, stem):
@@ -774,54 +787,51 @@ def _error_cell(error):
 def _plot(summary, path):
     models = sorted({entry["model"] for entry in summary})
     figure, axes = new_figure(2, len(models))
-    styles = dict(zip(METHODS, ("o-", "s--", "^-", "v:")))
     for column, model in enumerate(models):
-        for method in METHODS:
-            for backend in sorted({entry["backend"] for entry in summary}):
-                entries = sorted(
-                    (
-                        e
-                        for e in summary
-                        if e["model"] == model
-                        and e["method"] == method
-                        and e["backend"] == backend
-                    ),
-                    key=lambda e: e["shared_key_dim"],
-                )
-                if not entries:
-                    continue
-                dims = [e["shared_key_dim"] for e in entries]
-                label = (
-                    method
-                    if len({e["backend"] for e in summary}) == 1
-                    else f"{method} ({backend})"
-                )
-                axes[0][column].plot(
-                    dims,
-                    [e["seconds"] for e in entries],
-                    styles[method],
-                    label=label,
-                )
-                axes[1][column].plot(
-                    dims,
-                    [max(e["relative_error"], 1e-16) for e in entries],
-                    styles[method],
-                    label=label,
-                )
-        for row, ylabel in (
-            (0, "seconds per layer (median)"),
-            (1, "relative error, plain (median)"),
+        entries = [e for e in summary if e["model"] == model]
+        _plot_model(axes[0][column], axes[1][column], entries, summary)
+        for ax, ylabel in (
+            (axes[0][column], "seconds per layer (median)"),
+            (axes[1][column], "relative error, plain (median)"),
         ):
-            ax = axes[row][column]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("D̃ (shared_key_dim)")
             ax.set_ylabel(ylabel)
             ax.set_title(model, fontsize=9)
             ax.legend(fontsize=7)
-            dims = sorted(
-                {e["shared_key_dim"] for e in summary if e["model"] == model}
-            )
-            label_dimensions(ax, dims)
+            label_dimensions(ax, sorted({e["shared_key_dim"] for e in entries}))
     figure.suptitle("Conversion time and error vs. D̃", fontsize=10)
     save_figure(figure, path)
+
+
+_STYLES = dict(zip(METHODS, ("o-", "s--", "^-", "v:")))
+
+
+def _plot_model(time_ax, error_ax, entries, summary):
+    """One model's seconds and errors against D̃, a line per method and
+    backend (the backend named only when `summary` has several)."""
+    backends = sorted({entry["backend"] for entry in summary})
+    for method in METHODS:
+        for backend in backends:
+            line = sorted(
+                (
+                    e
+                    for e in entries
+                    if e["method"] == method and e["backend"] == backend
+                ),
+                key=lambda e: e["shared_key_dim"],
+            )
+            if not line:
+                continue
+            dims = [e["shared_key_dim"] for e in line]
+            label = method if len(backends) == 1 else f"{method} ({backend})"
+            time_ax.plot(
+                dims, [e["seconds"] for e in line], _STYLES[method], label=label
+            )
+            error_ax.plot(
+                dims,
+                [max(e["relative_error"], 1e-16) for e in line],
+                _STYLES[method],
+                label=label,
+            )

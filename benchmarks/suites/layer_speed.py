@@ -398,7 +398,8 @@ def _measure_memory(document, config, backend, accelerator):
     """Runs the memory probe, in one process or one process per layer.
 
     A fresh process per layer is needed where the peak cannot be reset (see
-    `PeakMemoryTracker`); otherwise one process measures them all.
+    `benchmarks.harness.memory.PeakMemoryTracker`); otherwise one process
+    measures them all.
     """
     tracker = PeakMemoryTracker(backend, accelerator["kind"])
     items = [

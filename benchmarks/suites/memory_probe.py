@@ -1,6 +1,6 @@
 """Peak memory of attention passes, measured in a process of its own.
 
-Started by `benchmarks.layer_speed` as
+Started by `benchmarks.suites.layer_speed` as
 
 ```
 KERAS_BACKEND=jax python -m benchmarks.suites.memory_probe \
@@ -10,11 +10,12 @@ KERAS_BACKEND=jax python -m benchmarks.suites.memory_probe \
 
 Each item is a layer (`shared_key_dim` null for Keras MHA) and a pass. The
 pass is compiled and run twice, then run once more between the two readings
-of a `PeakMemoryTracker`. The rows go to `--output` as JSON.
+of a `benchmarks.harness.memory.PeakMemoryTracker`. The rows go to
+`--output` as JSON.
 
 It is a separate process because the CPU measurement needs the C allocator
-to return freed memory at once (`CPU_MEMORY_ENVIRONMENT`), which slows
-the timings down, and because some peaks cannot be reset.
+to return freed memory at once (`harness.memory.CPU_MEMORY_ENVIRONMENT`),
+which slows the timings down, and because some peaks cannot be reset.
 """
 
 import argparse

@@ -63,6 +63,14 @@ def plot(rows, path, styles, xlabel, title, targets=()):
             that D̃ was run.
     """
     figure, axes = new_figure(1, 2)
+    _plot_methods(axes[0], rows, styles)
+    _format_axes(axes[0], rows, xlabel, targets)
+    figure.suptitle(title, fontsize=10)
+    save_figure(figure, path)
+
+
+def _plot_methods(axes, rows, styles):
+    """One line per method and backend on both panels."""
     backends = sorted({r["backend"] for r in rows})
     for backend in backends:
         for method, style in styles.items():
@@ -80,17 +88,21 @@ def plot(rows, path, styles, xlabel, title, targets=()):
                 continue
             dims = [r["shared_key_dim"] for r in entries]
             label = method if len(backends) == 1 else f"{method} ({backend})"
-            axes[0][0].plot(
+            axes[0].plot(
                 dims, [r["mean_cosine"] for r in entries], style, label=label
             )
-            axes[0][1].plot(
+            axes[1].plot(
                 dims,
                 [max(1.0 - r["mean_cosine"], 1e-9) for r in entries],
                 style,
                 label=label,
             )
+
+
+def _format_axes(axes, rows, xlabel, targets):
+    """Scales, labels, the ticks at every D̃ run and the target bars."""
     for ax, ylabel in zip(
-        axes[0], ("mean cosine to original", "1 - mean cosine (log)")
+        axes, ("mean cosine to original", "1 - mean cosine (log)")
     ):
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
@@ -99,13 +111,11 @@ def plot(rows, path, styles, xlabel, title, targets=()):
     with warnings.catch_warnings():
         # A single point gives identical y limits; matplotlib widens them.
         warnings.simplefilter("ignore", UserWarning)
-        axes[0][1].set_yscale("log")
+        axes[1].set_yscale("log")
     dims_run = sorted({r["shared_key_dim"] for r in rows})
-    for ax in axes[0]:
+    for ax in axes:
         label_dimensions(ax, dims_run)
     for dim, mean_cosine in targets:
         if dim in dims_run:
-            axes[0][0].plot([dim], [mean_cosine], "k_", markersize=14)
-            axes[0][1].plot([dim], [1 - mean_cosine], "k_", markersize=14)
-    figure.suptitle(title, fontsize=10)
-    save_figure(figure, path)
+            axes[0].plot([dim], [mean_cosine], "k_", markersize=14)
+            axes[1].plot([dim], [1 - mean_cosine], "k_", markersize=14)

@@ -63,8 +63,6 @@ def run(layer_weights, num_heads, key_dim, sparsities, timeout_s=600):
         `{"query": bool array, "key": bool array}`, or `None` when TFMOT
         could not run; `info` has the seconds, versions or the reason.
     """
-    import numpy as np
-
     if not available():
         return None, {
             "reason": "tensorflow-model-optimization or tf-keras is not "
@@ -73,26 +71,12 @@ def run(layer_weights, num_heads, key_dim, sparsities, timeout_s=600):
     with tempfile.TemporaryDirectory() as directory:
         inputs = Path(directory) / "weights.npz"
         outputs = Path(directory) / "masks.npz"
-        arrays = {
-            "num_heads": np.array(num_heads),
-            "key_dim": np.array(key_dim),
-            "sparsities": np.asarray(sparsities, dtype=np.float64),
-        }
-        for index, weights in enumerate(layer_weights):
-            for role, value in weights.items():
-                arrays[f"{index}/{role}"] = value
-        np.savez(inputs, **arrays)
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in ("KERAS_BACKEND", "TF_USE_LEGACY_KERAS")
-        }
-        environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        _save_inputs(inputs, layer_weights, num_heads, key_dim, sparsities)
         start = time.perf_counter()
         try:
             completed = subprocess.run(
                 [sys.executable, str(SCRIPT), str(inputs), str(outputs)],
-                env=environment,
+                env=_environment(),
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,
@@ -102,28 +86,68 @@ def run(layer_weights, num_heads, key_dim, sparsities, timeout_s=600):
             return None, {"reason": f"TFMOT subprocess ran over {timeout_s} s"}
         seconds = time.perf_counter() - start
         if completed.returncode != 0:
-            tail = " ".join(completed.stderr.split())[-400:]
-            what = (
-                "cannot import TFMOT"
-                if completed.returncode == UNAVAILABLE
-                else f"TFMOT subprocess exited with {completed.returncode}"
-            )
-            return None, {"reason": f"{what}: {tail}", "seconds": seconds}
-        result = np.load(outputs)
-        masks = [
-            [
-                {
-                    "query": result[f"{layer}/{index}/query_mask"],
-                    "key": result[f"{layer}/{index}/key_mask"],
-                }
-                for index in range(len(sparsities))
-            ]
-            for layer in range(len(layer_weights))
+            return None, {"reason": _failure(completed), "seconds": seconds}
+        return _load_masks(
+            outputs, len(layer_weights), len(sparsities), seconds
+        )
+
+
+def _save_inputs(path, layer_weights, num_heads, key_dim, sparsities):
+    """Writes the script's INPUT.npz (see the module docstring)."""
+    import numpy as np
+
+    arrays = {
+        "num_heads": np.array(num_heads),
+        "key_dim": np.array(key_dim),
+        "sparsities": np.asarray(sparsities, dtype=np.float64),
+    }
+    for index, weights in enumerate(layer_weights):
+        for role, value in weights.items():
+            arrays[f"{index}/{role}"] = value
+    np.savez(path, **arrays)
+
+
+def _environment():
+    """This process's environment without its Keras 3 backend choice."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("KERAS_BACKEND", "TF_USE_LEGACY_KERAS")
+    }
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return environment
+
+
+def _failure(completed):
+    """Why the script failed, with the end of its standard error."""
+    tail = " ".join(completed.stderr.split())[-400:]
+    what = (
+        "cannot import TFMOT"
+        if completed.returncode == UNAVAILABLE
+        else f"TFMOT subprocess exited with {completed.returncode}"
+    )
+    return f"{what}: {tail}"
+
+
+def _load_masks(path, num_layers, num_sparsities, seconds):
+    """`(masks, info)` from the script's OUTPUT.npz, as `run` returns."""
+    import numpy as np
+
+    result = np.load(path)
+    masks = [
+        [
+            {
+                "query": result[f"{layer}/{index}/query_mask"],
+                "key": result[f"{layer}/{index}/key_mask"],
+            }
+            for index in range(num_sparsities)
         ]
-        info = {
-            "seconds": seconds,
-            "versions": json.loads(str(result["versions"])),
-        }
+        for layer in range(num_layers)
+    ]
+    info = {
+        "seconds": seconds,
+        "versions": json.loads(str(result["versions"])),
+    }
     return masks, info
 
 
