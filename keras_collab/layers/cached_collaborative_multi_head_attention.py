@@ -1,4 +1,4 @@
-"""Collaborative attention with KerasHub's key/value cache contract."""
+"""Collaborative attention that decodes with a key/value cache."""
 
 import keras
 from keras import ops
@@ -7,36 +7,47 @@ from keras_collab.layers.collaborative_multi_head_attention import (
     CollaborativeMultiHeadAttention,
 )
 
+COMPACT = "compact"
+KERAS_HUB = "keras_hub"
+
 
 @keras.saving.register_keras_serializable(package="keras_collab")
 class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
-    """Collaborative attention that decodes with KerasHub's cache.
+    """Collaborative attention that decodes with a key/value cache.
 
-    A drop-in for `keras_hub.layers.CachedMultiHeadAttention`, the attention of
-    KerasHub's GPT-2, OPT and BART decoders: same call signature, same cache
-    tensor of shape `(batch, 2, max_length, num_heads, key_dim)` holding keys
-    at index 0 and values at index 1, so `generate()` works unchanged.
+    A drop-in for `keras_hub.layers.CachedMultiHeadAttention`, the attention
+    of KerasHub's GPT-2, OPT and BART decoders: same call signature, and it
+    reads and writes either of two cache layouts, told apart by rank.
 
-    The cache keeps its shape: the key slot of a position, `num_heads *
-    key_dim` numbers, holds the shared key (`shared_key_dim` numbers) followed
-    by the position's content-bias logits (`num_heads` numbers) and zeros. A
-    cache that actually shrinks with `shared_key_dim` needs a new contract
-    with the decoder and is left for later work.
+    * **Compact** (rank 4), what keras-collab's decoders use:
+      `(batch, 1, max_length, cache_width)`. Each position holds exactly
+      what collaborative attention needs of a key: the shared key
+      (`shared_key_dim` numbers), the content-bias logits (`num_heads`, only
+      with a content bias), then the values of every head
+      (`num_heads * value_dim`). Nothing is padded, so the key half of the
+      cache shrinks with D̃. The axis of size 1 keeps `max_length` on axis 2,
+      where KerasHub's `TransformerDecoder` reads it.
+      `empty_cache(batch_size, max_length)` makes one.
+    * **KerasHub's** (rank 5): `(batch, 2, max_length, num_heads, key_dim)`
+      with keys at index 0 and values at index 1, so that KerasHub's own
+      decoding loops work unchanged. A key slot of `num_heads * key_dim`
+      numbers holds the shared key and the content logits, padded with
+      zeros: it saves no memory, and needs `value_dim == key_dim` and
+      `shared_key_dim (+ num_heads) <= num_heads * key_dim`.
 
     Args:
-        **kwargs: Those of `CollaborativeMultiHeadAttention`. `value_dim` must
-            equal `key_dim` (keys and values share the cache tensor), and with
-            a content bias `shared_key_dim + num_heads <= num_heads * key_dim`.
+        **kwargs: Those of `CollaborativeMultiHeadAttention`.
 
     Call arguments:
         query: Query tensor of shape `(B, T, dim)`.
         value: Value tensor of shape `(B, S, dim)`.
         key: Optional key tensor of shape `(B, S, dim)`.
-        attention_mask: Optional boolean mask broadcastable to `(B, T, S)`.
-        cache: Optional cache of shape `(B, 2, max_length, num_heads,
-            key_dim)`.
+        attention_mask: Optional boolean mask broadcastable to `(B, T, S)`
+            (with a cache, `S` is `max_length`).
+        cache: Optional cache in either layout above.
         cache_update_index: Position at which `key`/`value` are written into
-            the cache; `None` reads the cache as is.
+            the cache; `None` reads the cache as it is (e.g. the encoder
+            side of cross-attention, computed once).
         return_attention_scores: Whether to return the probabilities.
         training: Whether dropout is active.
 
@@ -50,60 +61,31 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
     ...     num_heads=2, key_dim=8, shared_key_dim=6
     ... )
     >>> x = keras.random.normal((1, 4, 16))
-    >>> cache = keras.ops.zeros((1, 2, 4, 2, 8))
+    >>> _ = layer(x, x)
+    >>> layer.cache_width  # 6 shared key + 2 content logits + 2 * 8 values
+    24
+    >>> cache = layer.empty_cache(batch_size=1, max_length=4)
     >>> output, cache = layer(x, x, cache=cache, cache_update_index=0)
+    >>> tuple(cache.shape)
+    (1, 1, 4, 24)
     """
 
-    def build(self, query_shape, value_shape, key_shape=None):
-        slot = self._num_heads * self._key_dim
-        needed = self._shared_key_dim + (
-            self._num_heads if self._use_content_bias else 0
-        )
-        if needed > slot:
-            raise ValueError(
-                "The cache slot of a key holds num_heads * key_dim = "
-                f"{slot} numbers, but shared_key_dim={self._shared_key_dim} "
-                + (
-                    f"plus {self._num_heads} content-bias logits "
-                    if self._use_content_bias
-                    else ""
-                )
-                + f"need {needed}. Use shared_key_dim <= "
-                + f"{slot - self._num_heads} "
-                "or use_content_bias=False."
-            )
-        if self._value_dim != self._key_dim:
-            raise ValueError(
-                "Cached attention stores keys and values in one tensor, so "
-                f"`value_dim` ({self._value_dim}) must equal `key_dim` "
-                f"({self._key_dim})."
-            )
-        super().build(query_shape, value_shape, key_shape)
-
-    def _pack_keys(self, key):
-        """Shared keys and content logits, laid out as a cache key slot."""
-        packed = self._key_dense(key)
-        if self._use_content_bias:
-            content = ops.cast(self._content_logits(key), packed.dtype)
-            packed = ops.concatenate([packed, content], axis=-1)
-        slot = self._num_heads * self._key_dim
-        padding = slot - packed.shape[-1]
-        if padding:
-            packed = ops.pad(packed, [[0, 0], [0, 0], [0, padding]])
-        shape = ops.shape(packed)
-        return ops.reshape(
-            packed, (shape[0], shape[1], self._num_heads, self._key_dim)
+    @property
+    def cache_width(self):
+        """Numbers per position of the compact cache: shared key, content
+        logits (with a content bias) and the values of every head."""
+        content = self._num_heads if self._use_content_bias else 0
+        return (
+            self._shared_key_dim + content + self._num_heads * self._value_dim
         )
 
-    def _unpack_keys(self, packed):
-        shape = ops.shape(packed)
-        flat = ops.reshape(packed, (shape[0], shape[1], -1))
-        shared_key = flat[..., : self._shared_key_dim]
-        content = None
-        if self._use_content_bias:
-            end = self._shared_key_dim + self._num_heads
-            content = flat[..., self._shared_key_dim : end]
-        return shared_key, content
+    def empty_cache(self, batch_size, max_length, dtype=None):
+        """A zero compact cache of shape `(batch_size, 1, max_length,
+        cache_width)`, in the layer's compute dtype by default."""
+        return ops.zeros(
+            (batch_size, 1, max_length, self.cache_width),
+            dtype=dtype or self.compute_dtype,
+        )
 
     def call(
         self,
@@ -119,22 +101,7 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
         if key is None:
             key = value
         shared_query = self._query_dense(query)
-        if cache is not None:
-            key_cache = cache[:, 0, ...]
-            value_cache = cache[:, 1, ...]
-            if cache_update_index is None:
-                packed_key, projected_value = key_cache, value_cache
-            else:
-                start = [0, cache_update_index, 0, 0]
-                packed_key = ops.slice_update(
-                    key_cache, start, self._pack_keys(key)
-                )
-                projected_value = ops.slice_update(
-                    value_cache, start, self._value_dense(value)
-                )
-                cache = ops.stack((packed_key, projected_value), axis=1)
-            shared_key, content_logits = self._unpack_keys(packed_key)
-        else:
+        if cache is None:
             if cache_update_index is not None:
                 raise ValueError(
                     "`cache_update_index` should not be set if `cache` is "
@@ -144,6 +111,26 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
             shared_key = self._key_dense(key)
             content_logits = self._content_logits(key)
             projected_value = self._value_dense(value)
+        else:
+            layout = self._cache_layout(cache)
+            if cache_update_index is not None:
+                update = self._cache_entries(key, value, layout)
+                if layout == KERAS_HUB:
+                    # Keys at index 0 and values at 1, each (B, L, H, d).
+                    start = [0, cache_update_index, 0, 0]
+                    cache = ops.stack(
+                        [
+                            ops.slice_update(cache[:, i], start, entries)
+                            for i, entries in enumerate(update)
+                        ],
+                        axis=1,
+                    )
+                else:
+                    start = [0, 0, cache_update_index, 0]
+                    cache = ops.slice_update(cache, start, update)
+            shared_key, content_logits, projected_value = self._read_cache(
+                cache, layout
+            )
 
         attention_output, attention_scores = (
             self._compute_collaborative_attention(
@@ -164,3 +151,96 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
         if cache is not None:
             return attention_output, cache
         return attention_output
+
+    def _cache_layout(self, cache):
+        """Which layout `cache` has; its sizes are checked against the
+        layer's."""
+        shape = tuple(cache.shape)
+        if len(shape) == 4:
+            if shape[1] != 1 or shape[3] != self.cache_width:
+                raise ValueError(
+                    "A compact cache must have shape (batch, 1, max_length, "
+                    f"cache_width={self.cache_width}). Received: "
+                    f"cache.shape={shape}"
+                )
+            return COMPACT
+        if len(shape) == 5:
+            self._check_keras_hub_layout(shape)
+            return KERAS_HUB
+        raise ValueError(
+            "`cache` must have shape (batch, 1, max_length, cache_width) or "
+            "KerasHub's (batch, 2, max_length, num_heads, key_dim). "
+            f"Received: cache.shape={shape}"
+        )
+
+    def _check_keras_hub_layout(self, shape):
+        expected = (2, self._num_heads, self._key_dim)
+        if (shape[1], shape[3], shape[4]) != expected:
+            raise ValueError(
+                "KerasHub's cache layout must have shape (batch, 2, "
+                f"max_length, {self._num_heads}, {self._key_dim}). Received: "
+                f"cache.shape={shape}"
+            )
+        slot = self._num_heads * self._key_dim
+        content = self._num_heads if self._use_content_bias else 0
+        if self._shared_key_dim + content > slot:
+            raise ValueError(
+                "KerasHub's cache layout holds num_heads * key_dim = "
+                f"{slot} numbers per key, but shared_key_dim="
+                f"{self._shared_key_dim} plus {content} content-bias logits "
+                "need more. Use the compact cache (`empty_cache`)."
+            )
+        if self._value_dim != self._key_dim:
+            raise ValueError(
+                "KerasHub's cache layout stores keys and values in one "
+                f"tensor, so `value_dim` ({self._value_dim}) must equal "
+                f"`key_dim` ({self._key_dim}). Use the compact cache "
+                "(`empty_cache`)."
+            )
+
+    def _cache_entries(self, key, value, layout):
+        """What the cache stores for new positions: `(B, 1, S, width)` in
+        the compact layout, `(keys, values)` of shape `(B, S, H, key_dim)`
+        in KerasHub's."""
+        shared_key = self._key_dense(key)
+        parts = [shared_key]
+        if self._use_content_bias:
+            content = self._content_logits(key)
+            parts.append(ops.cast(content, shared_key.dtype))
+        projected_value = self._value_dense(value)
+        if layout == KERAS_HUB:
+            packed = ops.concatenate(parts, axis=-1)
+            padding = self._num_heads * self._key_dim - packed.shape[-1]
+            if padding:
+                packed = ops.pad(packed, [[0, 0], [0, 0], [0, padding]])
+            shape = ops.shape(packed)
+            keys = ops.reshape(
+                packed, (shape[0], shape[1], self._num_heads, self._key_dim)
+            )
+            return keys, projected_value
+        shape = ops.shape(projected_value)
+        parts.append(ops.reshape(projected_value, (shape[0], shape[1], -1)))
+        return ops.expand_dims(ops.concatenate(parts, axis=-1), 1)
+
+    def _read_cache(self, cache, layout):
+        """`(shared keys, content logits or None, values (B, S, H, d_v))`."""
+        if layout == KERAS_HUB:
+            keys, projected_value = cache[:, 0], cache[:, 1]
+            shape = ops.shape(keys)
+            flat = ops.reshape(keys, (shape[0], shape[1], -1))
+        else:
+            flat = cache[:, 0]
+            shape = ops.shape(flat)
+            projected_value = None
+        end = self._shared_key_dim
+        shared_key = flat[..., :end]
+        content_logits = None
+        if self._use_content_bias:
+            content_logits = flat[..., end : end + self._num_heads]
+            end += self._num_heads
+        if projected_value is None:
+            projected_value = ops.reshape(
+                flat[..., end:],
+                (shape[0], shape[1], self._num_heads, self._value_dim),
+            )
+        return shared_key, content_logits, projected_value

@@ -9,10 +9,10 @@ RNG = np.random.default_rng(11)
 
 
 def _layer(**kwargs):
+    kwargs = {"shared_key_dim": 6, **kwargs}
     layer = CachedCollaborativeMultiHeadAttention(
         num_heads=2,
         key_dim=8,
-        shared_key_dim=6,
         bias_initializer="random_normal",
         mixing_initializer="random_normal",
         **kwargs,
@@ -23,12 +23,27 @@ def _layer(**kwargs):
     return layer
 
 
-def test_incremental_decoding_matches_full_causal_attention():
-    layer = _layer()
+def _empty_cache(layer, layout, batch, length):
+    if layout == "compact":
+        return layer.empty_cache(batch, length)
+    return ops.zeros((batch, 2, length, layer.num_heads, layer.key_dim))
+
+
+@pytest.mark.parametrize(
+    "layout, kwargs",
+    [
+        ("compact", {}),
+        ("compact", {"shared_key_dim": 16, "value_dim": 5}),
+        ("compact", {"use_content_bias": False}),
+        ("keras_hub", {}),
+    ],
+)
+def test_incremental_decoding_matches_full_causal_attention(layout, kwargs):
+    layer = _layer(**kwargs)
     x = RNG.normal(size=(2, 5, 16)).astype("float32")
     causal = np.tril(np.ones((5, 5), dtype=bool))[None]
     expected = ops.convert_to_numpy(layer(x, x, attention_mask=causal))
-    cache = ops.zeros((2, 2, 5, 2, 8))
+    cache = _empty_cache(layer, layout, 2, 5)
     outputs = []
     for step in range(5):
         token = x[:, step : step + 1]
@@ -56,20 +71,48 @@ def test_incremental_decoding_matches_full_causal_attention():
     )
 
 
-def test_cache_cannot_hold_too_large_a_shared_key():
-    layer = CachedCollaborativeMultiHeadAttention(
-        num_heads=2, key_dim=4, shared_key_dim=7
+def test_compact_cache_holds_exactly_what_attention_needs():
+    # Per position: D̃ shared key + H content logits + H * d_v values.
+    layer = _layer(shared_key_dim=6, value_dim=5)
+    assert layer.cache_width == 6 + 2 + 2 * 5
+    x = RNG.normal(size=(3, 4, 16)).astype("float32")
+    _, cache = layer(x, x, cache=layer.empty_cache(3, 7), cache_update_index=0)
+    assert tuple(cache.shape) == (3, 1, 7, 18)
+    cache = ops.convert_to_numpy(cache)
+    np.testing.assert_allclose(
+        cache[:, 0, :4, :6], ops.convert_to_numpy(layer.key_dense(x)), atol=1e-6
     )
+    content = x @ ops.convert_to_numpy(layer.content_bias)
+    np.testing.assert_allclose(cache[:, 0, :4, 6:8], content, atol=1e-5)
+    values = ops.convert_to_numpy(layer.value_dense(x)).reshape(3, 4, 10)
+    np.testing.assert_allclose(cache[:, 0, :4, 8:], values, atol=1e-6)
+    assert not cache[:, 0, 4:].any()  # positions not yet written
+    assert _layer(use_content_bias=False).cache_width == 6 + 2 * 8
+
+
+def test_keras_hub_layout_cannot_hold_too_large_a_shared_key():
+    layer = _layer(shared_key_dim=15)
+    x = RNG.normal(size=(1, 2, 16)).astype("float32")
+    cache = ops.zeros((1, 2, 2, 2, 8))
     with pytest.raises(ValueError, match="shared_key_dim"):
-        layer.build((None, None, 8), (None, None, 8))
+        layer(x, x, cache=cache, cache_update_index=0)
+    # The compact cache holds it.
+    layer(x, x, cache=layer.empty_cache(1, 2), cache_update_index=0)
 
 
-def test_value_dim_must_match_key_dim():
-    layer = CachedCollaborativeMultiHeadAttention(
-        num_heads=2, key_dim=4, value_dim=3, shared_key_dim=4
-    )
+def test_keras_hub_layout_needs_value_dim_equal_to_key_dim():
+    layer = _layer(value_dim=3)
+    x = RNG.normal(size=(1, 2, 16)).astype("float32")
     with pytest.raises(ValueError, match="value_dim"):
-        layer.build((None, None, 8), (None, None, 8))
+        layer(x, x, cache=ops.zeros((1, 2, 2, 2, 8)), cache_update_index=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2, 5), (1, 2, 2, 3, 8), (1, 2, 8)])
+def test_cache_of_the_wrong_shape_is_named(shape):
+    layer = _layer()
+    x = RNG.normal(size=(1, 2, 16)).astype("float32")
+    with pytest.raises(ValueError, match="cache.shape"):
+        layer(x, x, cache=ops.zeros(shape), cache_update_index=0)
 
 
 def test_update_index_without_cache_is_refused():
