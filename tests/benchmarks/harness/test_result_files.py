@@ -4,6 +4,8 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks.harness.result_files import default_output_dir
+from benchmarks.harness.result_files import result_path
 from benchmarks.harness.result_files import write_json
 
 
@@ -25,3 +27,13 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         write_json(path, {"new": object()})
     assert json.loads(path.read_text()) == {"old": True}
     assert os.listdir(tmp_path) == ["result.json"]
+
+
+def test_results_stay_in_benchmarks_results():
+    full, quick = default_output_dir(False), default_output_dir(True)
+    assert full.parts[-2:] == ("benchmarks", "results")
+    assert (full / "fidelity_jax.json").is_file()
+    assert quick == full / "quick"
+    assert result_path(full, "fidelity", "all", ".md") == (
+        full / "fidelity_all.md"
+    )
