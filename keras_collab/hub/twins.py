@@ -19,6 +19,7 @@ assembler that `keras_collab.convert_model` uses to rebuild KerasHub
 backbones and tasks with their converted layers.
 """
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -29,6 +30,7 @@ import keras_hub
 from keras_collab.conversion.model import register_assembler
 from keras_collab.conversion.sites import get_site
 from keras_collab.conversion.sites import replace_attribute
+from keras_collab.hub.decoding import decoding_mixin
 from keras_collab.layers.collaborative_multi_head_attention import (
     mha_input_shapes,
 )
@@ -68,8 +70,14 @@ class CollaborativeBackboneMixin:
             # recorded elsewhere.
             serialized.pop("build_config", None)
             layer = keras.saving.deserialize_keras_object(serialized)
-            layer.build(*mha_input_shapes(site.layer))
+            # Built where the layer it replaces was, so that its variables
+            # keep that layer's paths ("transformer_layer_0/
+            # self_attention_layer/query/kernel"), not one path repeated in
+            # every block.
+            with _name_scope(site.layer.path.rpartition("/")[0]):
+                layer.build(*mha_input_shapes(site.layer))
             replace_attribute(site, layer)
+        _refresh_torch_parameters(self)
 
     @property
     def collaborative_attention(self):
@@ -79,6 +87,28 @@ class CollaborativeBackboneMixin:
         config = super().get_config()
         config["collaborative_attention"] = self.collaborative_attention
         return config
+
+
+@contextlib.contextmanager
+def _name_scope(path):
+    """Opens the name scopes of `path` ("a/b"), in which new variables get
+    paths "a/b/..."."""
+    with contextlib.ExitStack() as stack:
+        for name in filter(None, path.split("/")):
+            stack.enter_context(keras.name_scope(name))
+        yield
+
+
+def _refresh_torch_parameters(model):
+    """On PyTorch, each layer registers the torch Parameters of its
+    variables, keyed by path, when it is built; `parameters()`,
+    `state_dict()` and the trainer's `zero_grad()` read those registries.
+    After a swap they still hold the replaced layers' variables and not the
+    new ones, whose gradients `fit` would then never clear: rebuild them.
+    Other backends have no such registry."""
+    for layer in model._flatten_layers(include_self=True):
+        if hasattr(layer, "_torch_params"):
+            layer._track_variables()
 
 
 def _json_copy(value):
@@ -122,9 +152,12 @@ def collaborative_backbone_class(backbone_cls):
     )
     _COLLABORATIVE_CLASSES[backbone_cls] = collaborative_cls
     for companion in _companions(backbone_cls):
+        # Decoding tasks get the compact collaborative cache.
+        mixin = decoding_mixin(companion)
+        bases = (companion,) if mixin is None else (mixin, companion)
         twin = type(
             f"Collaborative{companion.__name__}",
-            (companion,),
+            bases,
             {"__module__": __name__, "backbone_cls": collaborative_cls},
         )
         _register(twin)
@@ -228,6 +261,7 @@ def _assemble_task(task, conversions):
     config["backbone"] = new_backbone
     config["preprocessor"] = task.preprocessor
     new_task = task_cls.from_config(config)
+    _keep_sampler(task, new_task)
     backbone_ids = {id(w) for w in task.backbone.weights}
     new_backbone_ids = {id(w) for w in new_task.backbone.weights}
     copy_weights(
@@ -235,6 +269,16 @@ def _assemble_task(task, conversions):
         [w for w in new_task.weights if id(w) not in new_backbone_ids],
     )
     return new_task, {prefix + path: c for path, c in placed.items()}
+
+
+def _keep_sampler(task, new_task):
+    """A generating task's sampler is compile state, not config: the twin
+    gets a copy of the source's, so that `generate()` behaves the same."""
+    sampler = getattr(task, "sampler", None)
+    if isinstance(sampler, keras_hub.samplers.Sampler):
+        config = keras_hub.samplers.serialize(sampler)
+        new_task.sampler = keras_hub.samplers.get(config)
+        new_task.generate_function = None
 
 
 def _collaborative_task_class(task_cls, collaborative_backbone_cls):
