@@ -13,6 +13,65 @@ def softmax(logits, axis=-1):
     return exp / exp.sum(axis=axis, keepdims=True)
 
 
+def masked_softmax(logits, allowed, fully_masked="uniform"):
+    """Softmax over the last axis restricted to the `allowed` keys.
+
+    A row with no allowed key has no softmax; Keras MHA gives it zero
+    probabilities where its masked softmax runs (`fully_masked="zero"`) and
+    uniform ones where its fused kernel runs (`fully_masked="uniform"`).
+    """
+    if fully_masked not in ("zero", "uniform"):
+        raise ValueError(f"fully_masked={fully_masked!r}")
+    allowed = np.broadcast_to(allowed, logits.shape)
+    top = np.where(allowed, logits, -np.inf).max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    exp = np.where(allowed, np.exp(logits - top), 0.0)
+    total = exp.sum(axis=-1, keepdims=True)
+    attended = total > 0
+    p = exp / np.where(attended, total, 1.0)
+    if fully_masked == "uniform":
+        p = np.where(attended, p, 1.0 / logits.shape[-1])
+    return p
+
+
+def causal_mask(queries, keys):
+    """`(T, S)`: query `t` sees keys `s <= t`."""
+    return np.arange(queries)[:, None] >= np.arange(keys)[None, :]
+
+
+def sliding_window_mask(queries, keys, window):
+    """`(T, S)`: query `t` sees keys `s` with `|t - s| < window`."""
+    distance = np.arange(queries)[:, None] - np.arange(keys)[None, :]
+    return np.abs(distance) < window
+
+
+def position_mask(valid, attention_axes, role):
+    """A padding mask over the scores (B, <other axes>, H, <query attention
+    axes>, <key attention axes>) of attention over `attention_axes`.
+
+    Args:
+        valid: Boolean (B, <positions>): which positions are real.
+        attention_axes: Tuple of positional axes (1 to rank - 2 of the
+            inputs, so 1 to `valid.ndim - 1`).
+        role: `"query"` (a padded query attends nowhere) or `"key"` (a
+            padded key is seen by no query).
+
+    Returns:
+        A boolean array broadcastable to the scores.
+    """
+    axes = tuple(attention_axes)
+    others = tuple(a for a in range(1, valid.ndim) if a not in axes)
+    laid_out = np.transpose(valid, (0,) + others + axes)
+    lead = laid_out.shape[: 1 + len(others)]
+    positions = laid_out.shape[1 + len(others) :]
+    ones = (1,) * len(axes)
+    if role == "query":
+        return laid_out.reshape(lead + (1,) + positions + ones)
+    if role == "key":
+        return laid_out.reshape(lead + (1,) + ones + positions)
+    raise ValueError(f"role={role!r}")
+
+
 def collaborative_attention(
     x,
     y,
@@ -29,6 +88,7 @@ def collaborative_attention(
     value_bias=None,
     output_bias=None,
     mask=None,
+    fully_masked="uniform",
 ):
     """Collaborative attention, head by head, in float64.
 
@@ -36,7 +96,9 @@ def collaborative_attention(
         x: (B, T, D_q) queries; y: (B, S, D_k) keys; v: (B, S, D_v) values.
         query_kernel: (D_q, D̃); key_kernel: (D_k, D̃); mixing: (H, D̃);
         value_kernel: (D_v, H, d_v); output_kernel: (H, d_v, D_out);
-        content_bias: (D_k, H); mask: boolean, broadcastable to (B, T, S).
+        content_bias: (D_k, H); mask: boolean, broadcastable to (B, T, S),
+        or of rank 4, broadcastable to (B, H, T, S) (one mask per head);
+        fully_masked: see `masked_softmax`.
 
     Returns:
         (output (B, T, D_out), probabilities (B, H, T, S)).
@@ -56,9 +118,13 @@ def collaborative_attention(
         if content_bias is not None:
             logits = logits + (y @ content_bias[:, h])[:, None, :]
         logits = logits / np.sqrt(key_dim)
+        allowed = True
         if mask is not None:
-            logits = np.where(np.broadcast_to(mask, logits.shape), logits, -1e9)
-        p = softmax(logits)
+            mask = np.asarray(mask, bool)
+            allowed = mask
+            if mask.ndim == 4:
+                allowed = mask[:, h if mask.shape[1] > 1 else 0]
+        p = masked_softmax(logits, allowed, fully_masked)
         probabilities[:, h] = p
         value_h = v @ value_kernel[:, h, :]
         if value_bias is not None:
@@ -69,8 +135,58 @@ def collaborative_attention(
     return output, probabilities
 
 
-def layer_reference(layer, query, value, key=None, mask=None):
-    """Runs `collaborative_attention` with the weights of a built layer."""
+def attention_over_axes(x, y, v, attention_axes, mask=None, **kwargs):
+    """`collaborative_attention` over the `attention_axes` of rank > 3
+    inputs: every other positional axis acts as a batch axis, and the
+    attention axes together form the sequence.
+
+    Args:
+        x: (B, <positions>, D_q); y, v: (B, <positions>, D_k / D_v), with
+            the same positions as `x` outside the attention axes.
+        attention_axes: Tuple of positional axes (1 to rank - 2).
+        mask: Boolean, broadcastable to the scores (B, <other axes>, H,
+            <query attention axes>, <key attention axes>), or `None`.
+        **kwargs: The weights and options of `collaborative_attention`.
+
+    Returns:
+        (output (B, <positions>, D_out), probabilities of the scores' shape).
+    """
+    axes = tuple(attention_axes)
+    rank = x.ndim
+    others = tuple(a for a in range(1, rank - 1) if a not in axes)
+    order = (0,) + others + axes + (rank - 1,)
+    outer = [x.shape[a] for a in (0,) + others]
+    queries = [x.shape[a] for a in axes]
+    keys = [y.shape[a] for a in axes]
+
+    def flatten(t, positions):
+        t = np.transpose(t, order)
+        return t.reshape(-1, int(np.prod(positions)), t.shape[-1])
+
+    num_heads = kwargs["mixing"].shape[0]
+    scores_shape = tuple(outer) + (num_heads,) + tuple(queries + keys)
+    flat_mask = None
+    if mask is not None:
+        flat_mask = np.broadcast_to(mask, scores_shape).reshape(
+            -1, num_heads, int(np.prod(queries)), int(np.prod(keys))
+        )
+    output, probabilities = collaborative_attention(
+        flatten(x, queries),
+        flatten(y, keys),
+        flatten(v, keys),
+        mask=flat_mask,
+        **kwargs,
+    )
+    output = output.reshape(tuple(outer) + tuple(queries) + (-1,))
+    output = np.transpose(output, np.argsort(order))
+    return output, probabilities.reshape(scores_shape)
+
+
+def layer_reference(
+    layer, query, value, key=None, mask=None, fully_masked="uniform"
+):
+    """Runs `collaborative_attention` (or `attention_over_axes` for inputs of
+    rank > 3) with the weights of a built layer."""
     from keras import ops
 
     def numpy(variable):
@@ -79,10 +195,8 @@ def layer_reference(layer, query, value, key=None, mask=None):
         return ops.convert_to_numpy(variable).astype(np.float64)
 
     key = value if key is None else key
-    return collaborative_attention(
-        ops.convert_to_numpy(query),
-        ops.convert_to_numpy(key),
-        ops.convert_to_numpy(value),
+    inputs = [ops.convert_to_numpy(t) for t in (query, key, value)]
+    kwargs = dict(
         query_kernel=numpy(layer.query_dense.kernel),
         key_kernel=numpy(layer.key_dense.kernel),
         mixing=numpy(layer.mixing),
@@ -94,4 +208,9 @@ def layer_reference(layer, query, value, key=None, mask=None):
         value_bias=numpy(layer.value_dense.bias),
         output_bias=numpy(layer.output_dense.bias),
         mask=mask,
+        fully_masked=fully_masked,
     )
+    if inputs[0].ndim > 3:
+        inputs = [np.asarray(t, np.float64) for t in inputs]
+        return attention_over_axes(*inputs, layer.attention_axes, **kwargs)
+    return collaborative_attention(*inputs, **kwargs)

@@ -96,7 +96,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         attention_axes: Axes over which the attention is applied. `None` means
             attention over all axes, but batch, heads, and features.
         sliding_window: Optional positive integer restricting each query to the
-            keys within `sliding_window - 1` positions of it.
+            keys within `sliding_window - 1` positions of it (along the
+            attention axis).
         flash_attention: As in `keras.layers.MultiHeadAttention`: `None` uses a
             fused kernel when the backend offers one for these shapes, `True`
             requires it, `False` disables it.
@@ -123,19 +124,40 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Call arguments:
-        query: Query tensor of shape `(B, T, dim)`.
+        query: Query tensor of shape `(B, T, dim)`, or `(B, <positions>,
+            dim)` with `attention_axes`.
         value: Value tensor of shape `(B, S, dim)`.
         key: Optional key tensor of shape `(B, S, dim)`; defaults to `value`.
-        query_mask: Optional boolean mask of shape `(B, T)`; the Keras mask of
-            `query` takes precedence, as in Keras MHA.
-        value_mask: Optional boolean mask of shape `(B, S)`.
-        key_mask: Optional boolean mask of shape `(B, S)`.
-        attention_mask: Optional boolean mask broadcastable to `(B, T, S)`;
-            `True` marks the pairs that may attend.
+        query_mask: Not read, as in Keras MHA: the query's padding mask is
+            its Keras mask (set e.g. by `Embedding(mask_zero=True)`).
+        value_mask: Optional boolean mask of shape `(B, S)`, `False` at
+            padding keys.
+        key_mask: Optional boolean mask of shape `(B, S)`, like `value_mask`.
+        attention_mask: Optional boolean mask; `True` marks the pairs that
+            may attend. As in Keras MHA, it has the shape of the scores,
+            `(B, num_heads, T, S)` (one mask per head), or lacks leading
+            axes, which broadcast: `(B, T, S)` or `(T, S)`; any axis may be
+            1. With `attention_axes` the scores are `(B, <other axes>,
+            num_heads, <query attention axes>, <key attention axes>)`, and
+            a shorter mask likewise lacks axes before the attention axes.
         return_attention_scores: Whether to also return the attention
             probabilities, of shape `(B, num_heads, T, S)`.
         training: Python boolean, whether dropout is active.
-        use_causal_mask: Whether to forbid attention to future positions.
+        use_causal_mask: Whether to forbid attention to future positions
+            (along the attention axis; several attention axes raise a
+            `ValueError`, as `sliding_window` does).
+
+    With inputs of rank > 3, the padding masks (the query's Keras mask,
+    `value_mask`, `key_mask`) have the shape of their input without its last
+    axis; with a single attention axis, a shorter one is read as Keras MHA
+    reads it: its last axis runs along the attention axis, its leading axes
+    over the batch and the other axes.
+
+    A query whose keys are all masked gets what Keras MHA gives it: zero
+    attention probabilities (so a zero context) where Keras MHA runs its
+    masked softmax (scores returned, dropout, inputs of rank > 3), uniform
+    ones where it runs the fused `dot_product_attention` (rank-3 inputs,
+    no dropout, no scores returned).
 
     Returns:
         attention_output: Tensor of shape `(B, T, E)`, `E` being the query's
@@ -151,7 +173,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     >>> query = keras.random.normal((2, 10, 512))
     >>> value = keras.random.normal((2, 16, 512))
     >>> output, scores = layer(query, value, return_attention_scores=True)
-    >>> output.shape, scores.shape
+    >>> tuple(output.shape), tuple(scores.shape)
     ((2, 10, 512), (2, 8, 10, 16))
     """
 
@@ -361,8 +383,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         if tuple(value_shape[1:-1]) != tuple(key_shape[1:-1]):
             raise ValueError(
                 "All dimensions of `value` and `key`, except the last one, "
-                f"must be equal. Received: value.shape={tuple(value_shape)} "
-                f"and key.shape={tuple(key_shape)}"
+                f"must be equal. Received: value_shape={tuple(value_shape)} "
+                f"and key_shape={tuple(key_shape)}"
             )
         if not self.built:
             return
@@ -495,14 +517,25 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         if key is None:
             key = value
         self._check_input_shapes(query.shape, value.shape, key.shape)
-        # As in Keras MHA, the Keras mask of `query` wins over `query_mask`,
-        # and the masks are consumed here rather than propagated.
+        self._check_query_value_positions(query.shape, value.shape)
+        # As in Keras MHA, the query's mask is its Keras mask (the
+        # `query_mask` argument is not read), and the masks are consumed here
+        # rather than propagated.
         query_mask = get_keras_mask(query)
         set_keras_mask(query, None)
         set_keras_mask(value, None)
         set_keras_mask(key, None)
+        masks = {
+            "query_mask": query_mask,
+            "value_mask": value_mask,
+            "key_mask": key_mask,
+            "attention_mask": attention_mask,
+            "use_causal_mask": use_causal_mask,
+        }
 
         standard_layout = self._has_standard_layout(query)
+        # As in Keras MHA, a causal mask that is the only mask runs as the
+        # backends' causal kernel rather than as a materialised mask.
         causal_only = (
             use_causal_mask
             and query_mask is None
@@ -511,33 +544,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             and attention_mask is None
             and self._sliding_window is None
         )
-        if causal_only:
-            attention_mask = None
-        else:
-            if not standard_layout and (
-                use_causal_mask
-                or self._sliding_window is not None
-                or query_mask is not None
-                or value_mask is not None
-                or key_mask is not None
-            ):
-                raise ValueError(
-                    "Causal, sliding-window and implicit masks need a single "
-                    "attention axis right after the batch axis. Pass an "
-                    "explicit `attention_mask` for attention_axes="
-                    f"{self._attention_axes} and query.shape={query.shape}."
-                )
-            if attention_mask is not None:
-                self._check_attention_mask(attention_mask, query, value)
-            attention_mask = self._compute_attention_mask(
-                query,
-                value,
-                query_mask=query_mask,
-                value_mask=value_mask,
-                key_mask=key_mask,
-                attention_mask=attention_mask,
-                use_causal_mask=use_causal_mask,
-            )
+        if standard_layout and not causal_only:
+            attention_mask = self._attention_mask(query, value, **masks)
 
         gate = self._gate_dense(query) if self._use_gate else None
         shared_query = self._query_dense(query)
@@ -552,7 +560,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                     shared_key,
                     projected_value,
                     content_logits,
-                    attention_mask,
+                    None if causal_only else attention_mask,
                     training=training,
                     return_attention_scores=return_attention_scores,
                     use_causal_mask=causal_only,
@@ -564,9 +572,9 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 shared_key,
                 projected_value,
                 content_logits,
-                attention_mask,
                 training=training,
                 return_attention_scores=return_attention_scores,
+                **masks,
             )
 
         if gate is not None:
@@ -588,22 +596,182 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     def _has_standard_layout(self, query):
         return len(query.shape) == 3 and tuple(self._attention_axes) == (1,)
 
-    def _check_attention_mask(self, attention_mask, query, value):
-        """Checks statically that the mask broadcasts to the scores' shape."""
-        target = tuple(query.shape[:-1]) + tuple(
-            value.shape[a] for a in self._attention_axes
-        )
-        mask_shape = tuple(attention_mask.shape)
-        ok = len(mask_shape) <= len(target) and all(
-            m is None or t is None or m in (1, t)
-            for m, t in zip(reversed(mask_shape), reversed(target))
-        )
-        if not ok:
+    def _layout(self, rank):
+        """`(others, axes)`: the positional axes that act as batch axes, and
+        the attention axes, of inputs of this rank."""
+        axes = tuple(self._attention_axes)
+        others = tuple(a for a in range(1, rank - 1) if a not in axes)
+        return others, axes
+
+    def _check_query_value_positions(self, query_shape, value_shape):
+        """Checks statically that `query` and `value` agree on the axes that
+        are not attended over (batch and other positional axes)."""
+        others, _ = self._layout(len(query_shape))
+        for axis in (0,) + others:
+            q, v = query_shape[axis], value_shape[axis]
+            if q is None or v is None or q == v:
+                continue
+            if axis == 0 and not others and 1 in (q, v):
+                continue  # a batch of 1 broadcasts, as in Keras MHA
             raise ValueError(
-                "`attention_mask` must broadcast to (batch, <query positions>, "
-                f"<key positions>) = {target}. Received: "
-                f"attention_mask.shape={mask_shape}"
+                "All dimensions of `query` and `value`, except the attention "
+                f"axes {tuple(self._attention_axes)} and the last one, must "
+                f"be equal. Received: query_shape={tuple(query_shape)} and "
+                f"value_shape={tuple(value_shape)}"
             )
+
+    def _scores_shape(self, query_shape, value_shape):
+        """Static shape of Keras MHA's attention scores: `(B, <other axes>,
+        num_heads, <query attention axes>, <key attention axes>)`."""
+        others, axes = self._layout(len(query_shape))
+        return (
+            (query_shape[0],)
+            + tuple(query_shape[a] for a in others)
+            + (self._num_heads,)
+            + tuple(query_shape[a] for a in axes)
+            + tuple(value_shape[a] for a in axes)
+        )
+
+    def _attention_mask(
+        self,
+        query,
+        value,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
+        flat_query=None,
+        flat_value=None,
+    ):
+        """The attention mask, as Keras MHA defines it, over the positions of
+        the flattened attention.
+
+        The causal, sliding-window and padding masks are Keras MHA's own
+        (`_compute_attention_mask`), computed over the flattened attention
+        positions. The explicit `attention_mask` is placed over the scores
+        `(B, <other axes>, H, <query axes>, <key axes>)` as Keras MHA places
+        it (missing leading axes broadcast), then flattened the same way.
+        Each mask is laid out before they are combined, so that a per-head
+        mask and a padding mask combine position by position.
+
+        Args:
+            query: The query, or a tensor with its positions (only its shape
+                is read).
+            value: The value, or a tensor with its positions.
+            query_mask: Keras mask of the query, `None` or of the shape of
+                `query` without its last axis.
+            value_mask: `None` or of the shape of `value` without its last
+                axis.
+            key_mask: Like `value_mask`.
+            attention_mask: `None` or a boolean mask over the scores.
+            use_causal_mask: Whether to add the causal mask.
+            flat_query: A tensor whose axis 1 is the flattened query
+                positions (default: `query`), for the causal and
+                sliding-window masks.
+            flat_value: Likewise for the key positions (default: `value`).
+
+        Returns:
+            `None` or a boolean mask broadcastable to the `(B', H, T', S')`
+            scores of the flattened attention, `B'` running over the batch
+            and the other axes.
+        """
+        rank = len(query.shape)
+        others, axes = self._layout(rank)
+        if len(axes) > 1:
+            asked = [
+                name
+                for name, on in (
+                    ("use_causal_mask=True", use_causal_mask),
+                    (
+                        f"sliding_window={self._sliding_window}",
+                        self._sliding_window is not None,
+                    ),
+                )
+                if on
+            ]
+            if asked:
+                raise ValueError(
+                    f"{' and '.join(asked)} with attention_axes={axes} is "
+                    "not supported: causal and sliding-window masks order the "
+                    "positions of a single attention axis (Keras MHA builds "
+                    "them from axis 1 alone). Pass an explicit "
+                    "`attention_mask` over the scores instead."
+                )
+        if flat_query is None:
+            flat_query, flat_value = query, value
+        position_masks = {
+            name: _flat_position_mask(mask, name, tensor, others, axes)
+            for name, mask, tensor in (
+                ("query_mask", query_mask, query),
+                ("value_mask", value_mask, value),
+                ("key_mask", key_mask, value),
+            )
+        }
+        auto_mask = self._compute_attention_mask(
+            flat_query,
+            flat_value,
+            attention_mask=None,
+            use_causal_mask=use_causal_mask,
+            **position_masks,
+        )
+        masks = [_rank4_mask(auto_mask)]
+        if attention_mask is not None:
+            masks.append(self._flat_explicit_mask(attention_mask, query, value))
+        masks = [mask for mask in masks if mask is not None]
+        if not masks:
+            return None
+        mask = masks[0]
+        for other in masks[1:]:
+            mask = ops.logical_and(mask, other)
+        return mask
+
+    def _flat_explicit_mask(self, attention_mask, query, value):
+        """`attention_mask` laid out over the scores as Keras MHA lays it,
+        flattened to `(B' or 1, H or 1, T' or 1, S' or 1)`."""
+        rank = len(query.shape)
+        others, axes = self._layout(rank)
+        target = self._scores_shape(query.shape, value.shape)
+        received = tuple(attention_mask.shape)
+        if len(received) > len(target):
+            raise ValueError(
+                "`attention_mask` must be broadcastable to the scores and "
+                "must not have more dimensions. The scores are (batch, "
+                f"{'<other axes>, ' if others else ''}num_heads, <query "
+                "positions>, <key positions>). Received: "
+                f"scores.shape={target}, attention_mask.shape={received}"
+            )
+        mask = ops.cast(attention_mask, "bool")
+        # Within the attention axes, plain broadcasting; the axes before them
+        # (batch, other axes, heads) broadcast when missing, as in Keras MHA.
+        while len(mask.shape) < 2 * len(axes):
+            mask = ops.expand_dims(mask, 0)
+        while len(mask.shape) < len(target):
+            mask = ops.expand_dims(mask, -2 * len(axes) - 1)
+        _check_broadcastable(
+            "attention_mask", tuple(mask.shape), target, "scores", received
+        )
+        if rank == 3:
+            return mask
+        query_shape, value_shape = ops.shape(query), ops.shape(value)
+        lead = 1 + len(others)
+        groups = (
+            ([query_shape[0]] + [query_shape[a] for a in others], -1),
+            ([self._num_heads], self._num_heads),
+            ([query_shape[a] for a in axes], None),
+            ([value_shape[a] for a in axes], None),
+        )
+        bounds = (0, lead, lead + 1, lead + 1 + len(axes), len(target))
+        broadcast_shape, flat_shape = [], []
+        for (sizes, flat), start, stop in zip(groups, bounds, bounds[1:]):
+            if all(size == 1 for size in mask.shape[start:stop]):
+                broadcast_shape += [1] * (stop - start)
+                flat_shape.append(1)
+            else:
+                broadcast_shape += sizes
+                flat_shape.append(int(np.prod(sizes)) if flat is None else flat)
+        mask = ops.broadcast_to(mask, tuple(broadcast_shape))
+        return ops.reshape(mask, tuple(flat_shape))
 
     def _use_fused_kernel(self, return_attention_scores, tensor=None):
         """Whether `ops.dot_product_attention` should run this attention.
@@ -634,6 +802,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         training=None,
         return_attention_scores=False,
         use_causal_mask=False,
+        zero_masked_rows=None,
     ):
         """Attention from the shared projections.
 
@@ -642,11 +811,17 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             shared_key: `(B, S, D̃)` shared key projection.
             value: `(B, S, H, value_dim)` projected values.
             content_logits: `(B, S, H)` content-bias logits, or `None`.
-            attention_mask: Boolean mask broadcastable to `(B, T, S)`, or
-                `None`.
+            attention_mask: `None`, a boolean mask broadcastable to `(B, H,
+                T, S)`, or one of rank 3 broadcastable to `(B, T, S)`.
             training: Whether dropout is active.
             return_attention_scores: Whether to return the probabilities.
-            use_causal_mask: Causal masking when it is the only mask source.
+            use_causal_mask: Whether to add the causal mask (combined with
+                `attention_mask` if there is one).
+            zero_masked_rows: What a query row whose keys are all masked
+                gets, as in Keras MHA: `True`, zero probabilities (Keras'
+                masked softmax); `False`, uniform ones (Keras' fused
+                `dot_product_attention`); `None`, what Keras MHA does for
+                `(B, T, dim)` inputs: zero with dropout or returned scores.
 
         Returns:
             `(B, T, H, value_dim)` context and `(B, H, T, S)` probabilities
@@ -658,19 +833,30 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 "attention is enabled. Please disable flash attention to "
                 "access attention scores."
             )
+        if zero_masked_rows is None:
+            zero_masked_rows = self._dropout > 0.0 or return_attention_scores
+        mask = _rank4_mask(attention_mask)
+        if use_causal_mask and mask is not None:
+            # Never drop either mask: the causal one joins the other.
+            causal = self._compute_causal_mask(shared_query, value)
+            mask = ops.logical_and(mask, _rank4_mask(causal))
+            use_causal_mask = False
         scale = self._inverse_sqrt_key_dim
         mixing = ops.cast(self._mixing, shared_query.dtype)
         if self._use_fused_kernel(return_attention_scores, shared_query):
-            return self._fused_attention(
+            context = self._fused_attention(
                 shared_query,
                 shared_key,
                 value,
                 content_logits,
-                attention_mask,
+                mask,
                 mixing,
                 scale,
                 use_causal_mask,
-            ), None
+            )
+            if zero_masked_rows:
+                context = _zero_fully_masked_rows(context, mask)
+            return context, None
         if self._flash_attention:
             raise ValueError(
                 "`flash_attention=True` needs a fused attention kernel, and "
@@ -679,19 +865,22 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 f"{self._value_dim}. Use `flash_attention=None`."
             )
         if use_causal_mask:
-            attention_mask = self._compute_causal_mask(shared_query, value)
+            mask = _rank4_mask(self._compute_causal_mask(shared_query, value))
         if self._use_blocked_torch_kernel(
             shared_query, training, return_attention_scores
         ):
-            return self._blocked_torch_attention(
+            context = self._blocked_torch_attention(
                 shared_query,
                 shared_key,
                 value,
                 content_logits,
-                attention_mask,
+                mask,
                 mixing,
                 scale,
-            ), None
+            )
+            if zero_masked_rows:
+                context = _zero_fully_masked_rows(context, mask)
+            return context, None
 
         # Per-head queries (B, H, T, D̃), scaled first as in Keras MHA; the
         # shared key is never copied per head.
@@ -703,7 +892,9 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         logits = ops.einsum("bhtd,bsd->bhts", head_queries, shared_key)
         if content_logits is not None:
             logits = logits + _scaled_content_logits(content_logits, scale)
-        probabilities = self._masked_softmax_float32(logits, attention_mask)
+        probabilities = self._masked_softmax_float32(
+            logits, mask, zero_masked_rows
+        )
         if self._dropout > 0.0:
             dropped = self._dropout_layer(probabilities, training=training)
         else:
@@ -751,20 +942,25 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             mask_value=_MASK_VALUE_FLOAT32,
         )
 
-    def _masked_softmax_float32(self, logits, attention_mask):
+    def _masked_softmax_float32(
+        self, logits, attention_mask, zero_masked_rows=False
+    ):
         """Softmax over keys, in float32 whatever the compute dtype.
 
         Half-precision softmax overflows or loses the masked-out mass; the
-        logits are upcast, masked with a large finite negative value (a fully
-        masked row gives a uniform, finite distribution, as in Keras MHA) and
-        the probabilities cast back.
+        logits are upcast, masked with a large finite negative value and the
+        probabilities cast back. A fully masked row thus gets uniform
+        probabilities, or zeros with `zero_masked_rows` (masked
+        probabilities set to zero, as Keras' `Softmax` layer does).
         """
         compute_dtype = logits.dtype
         logits = ops.cast(logits, "float32")
-        if attention_mask is not None:
-            mask = _rank4_mask(attention_mask)
+        mask = _rank4_mask(attention_mask)
+        if mask is not None:
             logits = ops.where(mask, logits, _MASK_VALUE_FLOAT32)
         probabilities = ops.softmax(logits, axis=-1)
+        if mask is not None and zero_masked_rows:
+            probabilities = ops.where(mask, probabilities, 0.0)
         return ops.cast(probabilities, compute_dtype)
 
     def _fused_attention(
@@ -793,9 +989,9 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         if bias is not None:
             # Backends take a bias or a mask, not both: fold the mask in.
             if use_causal_mask:
-                mask = ops.expand_dims(
-                    self._compute_causal_mask(shared_query, value), 1
-                )
+                causal = self._compute_causal_mask(shared_query, value)
+                causal = _rank4_mask(causal)
+                mask = causal if mask is None else mask & causal
                 use_causal_mask = False
             if mask is not None:
                 negative = _large_negative(bias.dtype)
@@ -818,18 +1014,24 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         shared_key,
         value,
         content_logits,
-        attention_mask,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
         training=None,
         return_attention_scores=False,
     ):
         """Attention over arbitrary `attention_axes`.
 
         Moves the non-attention axes into the batch and flattens the attention
-        axes into one sequence axis, attends, and restores the layout.
+        axes into one sequence axis, builds the mask over those flattened
+        positions, attends, and restores the layout. As in Keras MHA (whose
+        masked softmax runs for these inputs), a query whose keys are all
+        masked gets zero probabilities.
         """
         rank = len(shared_query.shape)
-        axes = tuple(self._attention_axes)
-        others = tuple(a for a in range(1, rank - 1) if a not in axes)
+        others, axes = self._layout(rank)
         order = (0,) + others + axes + (rank - 1,)
         query_shape = ops.shape(shared_query)
         value_shape = ops.shape(shared_key)
@@ -854,17 +1056,17 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         flat_content = None
         if content_logits is not None:
             flat_content = flatten(content_logits, key_positions)
-        flat_mask = None
-        if attention_mask is not None:
-            full = tuple(outer) + tuple(query_positions) + tuple(key_positions)
-            flat_mask = ops.reshape(
-                ops.broadcast_to(ops.cast(attention_mask, "bool"), full),
-                (
-                    -1,
-                    int(np.prod(query_positions)),
-                    int(np.prod(key_positions)),
-                ),
-            )
+        flat_mask = self._attention_mask(
+            shared_query,
+            shared_key,
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            use_causal_mask=use_causal_mask,
+            flat_query=flat_query,
+            flat_value=flat_value,
+        )
         context, scores = self._compute_collaborative_attention(
             flat_query,
             flat_key,
@@ -873,6 +1075,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             flat_mask,
             training=training,
             return_attention_scores=return_attention_scores,
+            zero_masked_rows=True,
         )
         permuted_shape = (
             tuple(outer)
@@ -942,14 +1145,95 @@ def _scaled_content_logits(content_logits, scale):
 
 
 def _rank4_mask(attention_mask):
-    """A boolean mask broadcastable to `(B, T, S)` given a head axis, for
-    `(B, H, T, S)` logits; `None` stays `None`."""
+    """A boolean mask for `(B, H, T, S)` logits: a rank-4 mask stays as it
+    is, one of lower rank gets unit axes before its last two (the head axis,
+    then the batch axis), as Keras MHA expands masks; `None` stays `None`."""
     if attention_mask is None:
         return None
     mask = ops.cast(attention_mask, "bool")
     while len(mask.shape) < 4:
         mask = ops.expand_dims(mask, axis=-3)
     return mask
+
+
+def _zero_fully_masked_rows(context, attention_mask):
+    """`(B, T, H, value_dim)` context with zeros for the query rows whose
+    keys are all masked (where a masked softmax gives zero probabilities);
+    `attention_mask` is a rank-4 mask broadcastable to `(B, H, T, S)`, or
+    `None`."""
+    if attention_mask is None:
+        return context
+    attended = ops.any(attention_mask, axis=-1)  # (B, H, T)
+    attended = ops.expand_dims(ops.transpose(attended, (0, 2, 1)), -1)
+    return ops.multiply(context, ops.cast(attended, context.dtype))
+
+
+def _check_broadcastable(name, shape, target, target_name, received=None):
+    """Raises a ValueError worded like Keras' mask errors unless `shape`
+    broadcasts to `target` dimension by dimension (unknown sizes pass).
+
+    Args:
+        name: The mask's argument name.
+        shape: Its static shape, laid out over `target`.
+        target: The static shape it must broadcast to.
+        target_name: What `target` is, e.g. `"scores"`.
+        received: The shape the caller passed, if not `shape`.
+    """
+    ok = len(shape) <= len(target) and all(
+        m is None or t is None or m in (1, t)
+        for m, t in zip(reversed(shape), reversed(target))
+    )
+    if not ok:
+        received = tuple(shape) if received is None else received
+        raise ValueError(
+            f"`{name}` must be broadcastable to the {target_name}. Each "
+            "mask dimension must be 1 or match the corresponding "
+            f"{target_name} dimension. Received: "
+            f"{target_name}.shape={tuple(target)}, "
+            f"{name}.shape={tuple(received)}"
+        )
+
+
+def _flat_position_mask(mask, name, tensor, others, axes):
+    """A padding mask over the positions of `tensor`, for Keras MHA's
+    `_compute_attention_mask` over the flattened attention.
+
+    A mask with the shape of `tensor` without its last axis (the Keras mask
+    of a tensor) marks each position. With a single attention axis, a mask
+    with fewer axes is read as Keras MHA reads it: its last axis runs over
+    the attention positions, its leading axes over the batch and the other
+    axes, from the left. For `(B, T, dim)` inputs the mask is returned as it
+    is; otherwise it is flattened to `(B', T')` like the attention.
+    """
+    if mask is None:
+        return None
+    positions = tuple(tensor.shape[:-1])
+    order = (0,) + others + axes
+    received = tuple(mask.shape)
+    target = tuple(positions[i] for i in order)
+    if len(received) == len(positions):
+        laid_out = tuple(received[i] for i in order)
+    elif 1 <= len(received) < len(positions) and len(axes) == 1:
+        missing = len(positions) - len(received)
+        laid_out = received[:-1] + (1,) * missing + received[-1:]
+    else:
+        raise ValueError(
+            f"`{name}` must have the shape of the positions of its input, "
+            f"{positions} (its shape without the last axis), for "
+            f"attention_axes={axes}. Received: {name}.shape={received}"
+        )
+    _check_broadcastable(name, laid_out, target, "positions", received)
+    if len(positions) == 2:
+        return mask
+    mask = ops.cast(mask, "bool")
+    if len(received) == len(positions):
+        mask = ops.transpose(mask, order)
+    else:
+        for _ in range(len(positions) - len(received)):
+            mask = ops.expand_dims(mask, len(received) - 1)
+    sizes = ops.shape(tensor)
+    mask = ops.broadcast_to(mask, tuple(sizes[i] for i in order))
+    return ops.reshape(mask, (-1, int(np.prod([sizes[a] for a in axes]))))
 
 
 def _prefer_fused_on_torch(tensor):

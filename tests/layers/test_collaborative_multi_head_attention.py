@@ -1,4 +1,5 @@
 import os
+import re
 
 import keras
 import numpy as np
@@ -9,7 +10,10 @@ from keras.src import testing
 from keras_collab import CollaborativeMultiHeadAttention
 from keras_collab.layers import CollaborativeMultiHeadAttention as LayersExport
 from tests.conftest import BACKEND
+from tests.reference import causal_mask
 from tests.reference import layer_reference
+from tests.reference import position_mask
+from tests.reference import sliding_window_mask
 
 RNG = np.random.default_rng(7)
 
@@ -28,9 +32,11 @@ def _random_layer(
     num_heads=3,
     key_dim=4,
     shared_key_dim=6,
+    rank=3,
     **kwargs,
 ):
-    """A built layer with every weight random, content bias included."""
+    """A built layer with every weight random, content bias included, for
+    inputs of the given rank."""
     layer = CollaborativeMultiHeadAttention(
         num_heads=num_heads,
         key_dim=key_dim,
@@ -39,7 +45,8 @@ def _random_layer(
         mixing_initializer="random_normal",
         **kwargs,
     )
-    layer.build((None, None, query_dim), (None, None, value_dim_in))
+    positions = (None,) * (rank - 1)
+    layer.build(positions + (query_dim,), positions + (value_dim_in,))
     if layer.content_bias is not None:
         layer.content_bias.assign(_normal(*layer.content_bias.shape))
     return layer
@@ -59,6 +66,65 @@ def _mha_outputs(mha, *args, **kwargs):
     # scores routes it through its einsum path, which computes the same thing.
     output, _ = mha(*args, return_attention_scores=True, **kwargs)
     return _numpy(output)
+
+
+def _keras_masked(x, valid):
+    """`x` zeroed where `valid` is False and carrying that Keras mask, as the
+    output of a `Masking` (or `Embedding(mask_zero=True)`) layer does."""
+    x = np.where(valid[..., None], x, 0.0).astype("float32")
+    return keras.layers.Masking(0.0)(x)
+
+
+def _call_modes(layer, inputs, **kwargs):
+    """`(output, output_with_scores, scores)`: `layer` called without and
+    with `return_attention_scores`, Keras MHA's fused and masked-softmax
+    paths. `inputs()` gives fresh inputs for each call (a call consumes the
+    Keras mask of its query)."""
+    plain = layer(**inputs(), **kwargs)
+    output, scores = layer(**inputs(), return_attention_scores=True, **kwargs)
+    return _numpy(plain), _numpy(output), _numpy(scores)
+
+
+def _assert_all_close(actual, expected):
+    names = ("output", "output with scores", "scores")
+    for name, a, e in zip(names, actual, expected):
+        assert np.all(np.isfinite(a)), name
+        np.testing.assert_allclose(a, e, atol=1e-5, err_msg=name)
+
+
+def _assert_matches_mha(mha, inputs, **kwargs):
+    """The full-size copy of `mha` computes what `mha` computes, in both
+    call modes. Returns Keras MHA's `_call_modes`."""
+    expected = _call_modes(mha, inputs, **kwargs)
+    layer = CollaborativeMultiHeadAttention.from_multi_head_attention(mha)
+    _assert_all_close(_call_modes(layer, inputs, **kwargs), expected)
+    return expected
+
+
+def _assert_matches_reference(layer, inputs, mask, **kwargs):
+    """`layer` computes the NumPy reference with `mask` (broadcastable to
+    the scores), in both call modes."""
+    fresh = {name: _numpy(x) for name, x in inputs().items() if x is not None}
+    # A query whose keys are all masked: uniform probabilities where Keras
+    # MHA runs its fused kernel (rank-3 inputs, no dropout, no scores), zero
+    # where it runs its masked softmax.
+    plain = "zero"
+    if fresh["query"].ndim == 3 and layer.dropout == 0:
+        plain = "uniform"
+    (output, _), (with_scores, scores) = (
+        layer_reference(layer, **fresh, mask=mask, fully_masked=fully_masked)
+        for fully_masked in (plain, "zero")
+    )
+    actual = _call_modes(layer, inputs, **kwargs)
+    _assert_all_close(actual, (output, with_scores, scores))
+
+
+def _over_scores(mask, scores_rank, num_attention_axes):
+    """A Keras MHA `attention_mask` with the axes it leaves out (batch,
+    other axes, heads: those before the attention axes) made explicit."""
+    split = mask.ndim - 2 * num_attention_axes
+    missing = (1,) * (scores_rank - mask.ndim)
+    return mask.reshape(mask.shape[:split] + missing + mask.shape[split:])
 
 
 class TestAgainstNumpyReference:
@@ -95,22 +161,29 @@ class TestAgainstNumpyReference:
         np.testing.assert_allclose(_numpy(output), expected, atol=1e-5)
 
     @pytest.mark.parametrize(
-        "mask_shape", [(2, 5, 7), (5, 7), (1, 5, 7), (2, 1, 7)]
+        "mask_shape",
+        [
+            (2, 5, 7),
+            (5, 7),
+            (1, 5, 7),
+            (2, 1, 7),
+            (2, 3, 5, 7),
+            (1, 3, 5, 7),
+            (2, 1, 5, 7),
+        ],
     )
     def test_attention_mask_broadcasting(self, mask_shape):
+        # 2-D, 3-D and per-head 4-D masks, on every path (the blocked kernel
+        # on PyTorch without scores).
         layer = _random_layer()
         query, value = _normal(2, 5, 16), _normal(2, 7, 12)
         mask = RNG.random(mask_shape) > 0.3
-        for training_path in (False, True):  # fused and einsum paths
-            output = layer(
-                query,
-                value,
-                attention_mask=mask,
-                return_attention_scores=training_path,
-            )
-            output = output[0] if training_path else output
-            expected, _ = layer_reference(layer, query, value, mask=mask)
-            np.testing.assert_allclose(_numpy(output), expected, atol=1e-5)
+        _assert_matches_reference(
+            layer,
+            lambda: {"query": query, "value": value},
+            mask,
+            attention_mask=mask,
+        )
 
     def test_value_and_key_masks(self):
         layer = _random_layer()
@@ -182,23 +255,25 @@ class TestAgainstNumpyReference:
         expected, _ = layer_reference(layer, query, query)
         np.testing.assert_allclose(_numpy(output), expected, atol=1e-5)
 
-    def test_fully_masked_row_is_finite(self):
-        layer = _random_layer()
+    @pytest.mark.parametrize("dropout", [0.0, 0.1])
+    def test_fully_masked_rows(self, dropout):
+        # Same finite numbers on every backend: the float64 reference's.
+        layer = _random_layer(dropout=dropout)
         query, value = _normal(2, 5, 16), _normal(2, 7, 12)
-        mask = np.ones((2, 5, 7), dtype=bool)
+        mask = RNG.random((2, 5, 7)) > 0.3
         mask[0, 2] = False
-        for with_scores in (False, True):
-            result = layer(
-                query,
-                value,
-                attention_mask=mask,
-                return_attention_scores=with_scores,
-            )
-            output = result[0] if with_scores else result
-            assert np.all(np.isfinite(_numpy(output)))
+        mask[1, 4] = False
+        _assert_matches_reference(
+            layer,
+            lambda: {"query": query, "value": value},
+            mask,
+            attention_mask=mask,
+        )
 
-    @pytest.mark.parametrize("causal", [False, True])
-    def test_fused_and_einsum_paths_agree(self, causal, monkeypatch):
+    @pytest.mark.parametrize(
+        "case", ["causal", "mask", "per_head", "per_head_and_causal"]
+    )
+    def test_fused_and_einsum_paths_agree(self, case, monkeypatch):
         # value_dim == shared_key_dim lets JAX's fused kernel run too; on
         # PyTorch the fused kernel is forced, as on an accelerator.
         monkeypatch.setattr(
@@ -208,13 +283,22 @@ class TestAgainstNumpyReference:
         )
         layer = _random_layer(shared_key_dim=5, value_dim=5, value_dim_in=16)
         query = _normal(2, 5, 16)
-        mask = None if causal else RNG.random((2, 5, 5)) > 0.2
-        kwargs = {"attention_mask": mask, "use_causal_mask": causal}
-        fused = layer(query, query, **kwargs)
-        einsum, _ = layer(query, query, return_attention_scores=True, **kwargs)
+        head_mask = RNG.random((2, 3, 5, 5)) > 0.2
+        head_mask[0, 1, 2] = False  # one head of one query sees nothing
+        kwargs, mask = {
+            "causal": ({"use_causal_mask": True}, causal_mask(5, 5)),
+            "mask": ({"attention_mask": head_mask[:, 0]}, head_mask[:, 0]),
+            "per_head": ({"attention_mask": head_mask}, head_mask),
+            "per_head_and_causal": (
+                {"attention_mask": head_mask, "use_causal_mask": True},
+                head_mask & causal_mask(5, 5),
+            ),
+        }[case]
         expected_fused = BACKEND in ("torch", "jax")
         assert layer._use_fused_kernel(False) == expected_fused
-        np.testing.assert_allclose(_numpy(fused), _numpy(einsum), atol=1e-5)
+        _assert_matches_reference(
+            layer, lambda: {"query": query, "value": query}, mask, **kwargs
+        )
 
     def test_attention_over_two_axes(self):
         layer = CollaborativeMultiHeadAttention(
@@ -355,6 +439,261 @@ class TestExactMultiHeadAttention:
         layer.build((None, None, 4), (None, None, 4))
         expected = np.repeat(np.eye(3), 2, axis=1)
         np.testing.assert_array_equal(_numpy(layer.mixing), expected)
+
+
+class TestMasksAsInMultiHeadAttention:
+    """Masks of `(B, T, dim)` inputs: the full-size copy against Keras MHA,
+    a smaller D̃ against the NumPy reference (TestAgainstNumpyReference)."""
+
+    @pytest.mark.parametrize(
+        "mask_shape",
+        [
+            (5, 7),
+            (2, 5, 7),
+            (1, 5, 7),
+            (2, 3, 5, 7),
+            (1, 3, 5, 7),
+            (2, 1, 5, 7),
+        ],
+    )
+    def test_explicit_masks(self, mask_shape):
+        query, value = _normal(2, 5, 16), _normal(2, 7, 12)
+        mask = RNG.random(mask_shape) > 0.3
+        _assert_matches_mha(
+            _random_mha(),
+            lambda: {"query": query, "value": value},
+            attention_mask=mask,
+        )
+
+    def test_per_head_mask_with_padding_and_causal(self):
+        # A batch of 2 and 3 heads: the masks must meet position by position
+        # (Keras MHA's own merge lines them up from the right, which fits
+        # only a batch of 1; that case is compared with it below).
+        layer = _random_layer(value_dim_in=16)
+        query = _normal(2, 6, 16)
+        head_mask = RNG.random((2, 3, 6, 6)) > 0.3
+        value_mask = np.array([[1] * 6, [1] * 4 + [0] * 2], dtype=bool)
+        _assert_matches_reference(
+            layer,
+            lambda: {"query": query, "value": query},
+            head_mask & causal_mask(6, 6) & value_mask[:, None, None, :],
+            attention_mask=head_mask,
+            value_mask=value_mask,
+            use_causal_mask=True,
+        )
+
+    def test_per_head_mask_with_padding_and_causal_matches_mha(self):
+        query = _normal(1, 6, 16)
+        _assert_matches_mha(
+            _random_mha(),
+            lambda: {"query": query, "value": query},
+            attention_mask=RNG.random((1, 3, 6, 6)) > 0.3,
+            value_mask=np.array([[1] * 4 + [0] * 2], dtype=bool),
+            use_causal_mask=True,
+        )
+
+    @pytest.mark.parametrize("dropout", [0.0, 0.1])
+    def test_fully_masked_rows(self, dropout):
+        query, value = _normal(2, 5, 16), _normal(2, 7, 12)
+        mask = RNG.random((2, 5, 7)) > 0.3
+        mask[0, 2] = False
+        plain, with_scores, scores = _assert_matches_mha(
+            _random_mha(dropout=dropout),
+            lambda: {"query": query, "value": value},
+            attention_mask=mask,
+        )
+        np.testing.assert_array_equal(scores[0, :, 2], 0.0)
+        # Keras MHA's fused kernel (no dropout, no scores) averages the
+        # values; its masked softmax (scores or dropout) gives them no weight.
+        differs = not np.allclose(plain[0, 2], with_scores[0, 2], atol=1e-3)
+        assert differs == (dropout == 0.0)
+        np.testing.assert_allclose(plain[1], with_scores[1], atol=1e-5)
+
+    def test_padding_from_keras_masks(self):
+        tokens = np.array([[3, 4, 5, 0, 0], [6, 7, 0, 0, 0]])
+        embedding = keras.layers.Embedding(10, 16, mask_zero=True)
+        embedding.build(tokens.shape)
+        _assert_matches_mha(
+            _random_mha(),
+            lambda: {"query": embedding(tokens), "value": embedding(tokens)},
+        )
+
+
+class TestMasksOverAttentionAxes:
+    """Masks of inputs of rank > 3 with `attention_axes`."""
+
+    def test_causal_mask_over_the_first_axis(self):
+        x = _normal(1, 5, 3, 8)
+        _, _, scores = _assert_matches_mha(
+            _random_mha(num_heads=2, attention_axes=1),
+            lambda: {"query": x, "value": x},
+            use_causal_mask=True,
+        )
+        assert scores.shape == (1, 3, 2, 5, 5)
+        np.testing.assert_array_equal(scores[..., ~causal_mask(5, 5)], 0.0)
+
+    @pytest.mark.parametrize("axes", [(1,), (2,)])
+    def test_causal_mask_and_padding(self, axes):
+        # Axes of different sizes: Keras MHA builds its causal mask from
+        # axis 1 whatever the attention axis, which fits only equal sizes
+        # (compared with it below).
+        layer = _random_layer(value_dim_in=16, rank=4, attention_axes=axes)
+        x = _normal(2, 3, 5, 16)
+        valid = RNG.random((2, 3, 5)) > 0.3
+        n = x.shape[axes[0]]
+        _assert_matches_reference(
+            layer,
+            lambda: {"query": x, "value": x},
+            causal_mask(n, n) & position_mask(valid, axes, "key"),
+            value_mask=valid,
+            use_causal_mask=True,
+        )
+
+    def test_causal_mask_and_padding_match_mha(self):
+        x = _normal(2, 4, 4, 16)
+        _assert_matches_mha(
+            _random_mha(attention_axes=(2,)),
+            lambda: {"query": x, "value": x},
+            value_mask=RNG.random((2, 4, 4)) > 0.3,
+            use_causal_mask=True,
+        )
+
+    @pytest.mark.parametrize("axes", [(1,), (2,)])
+    def test_sliding_window(self, axes):
+        layer = _random_layer(
+            value_dim_in=16, rank=4, attention_axes=axes, sliding_window=2
+        )
+        x = _normal(2, 3, 5, 16)
+        n = x.shape[axes[0]]
+        band = sliding_window_mask(n, n, 2)
+        for kwargs, mask in (
+            ({}, band),
+            ({"use_causal_mask": True}, band & causal_mask(n, n)),
+        ):
+            _assert_matches_reference(
+                layer, lambda: {"query": x, "value": x}, mask, **kwargs
+            )
+
+    def test_sliding_window_matches_mha(self):
+        x = _normal(2, 5, 3, 16)
+        mha = _random_mha(attention_axes=1, sliding_window=2)
+        for kwargs in ({}, {"use_causal_mask": True}):
+            _assert_matches_mha(mha, lambda: {"query": x, "value": x}, **kwargs)
+
+    @pytest.mark.parametrize(
+        "axes, value_positions",
+        [((1,), (5, 4)), ((2,), (3, 5)), ((1, 2), (2, 5))],
+    )
+    def test_padding_masks(self, axes, value_positions):
+        layer = _random_layer(rank=4, attention_axes=axes)
+        query = _normal(2, 3, 4, 16)
+        value = _normal(2, *value_positions, 12)
+        query_valid = RNG.random((2, 3, 4)) > 0.3
+        value_mask = RNG.random((2,) + value_positions) > 0.2
+        key_mask = RNG.random((2,) + value_positions) > 0.2
+        mask = (
+            position_mask(query_valid, axes, "query")
+            & position_mask(value_mask, axes, "key")
+            & position_mask(key_mask, axes, "key")
+        )
+        _assert_matches_reference(
+            layer,
+            lambda: {
+                "query": _keras_masked(query, query_valid),
+                "value": value,
+            },
+            mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+        )
+
+    def test_padding_masks_match_mha(self):
+        # Attention over the last positional axis, where Keras MHA lays its
+        # padding masks out right.
+        query = _normal(2, 3, 4, 16)
+        value, key = _normal(2, 3, 5, 12), _normal(2, 3, 5, 9)
+        query_valid = RNG.random((2, 3, 4)) > 0.3
+        value_mask = RNG.random((2, 3, 5)) > 0.2
+        mha = _random_mha(attention_axes=(2,))
+        _assert_matches_mha(
+            mha,
+            lambda: {
+                "query": _keras_masked(query, query_valid),
+                "value": value,
+                "key": key,
+            },
+            value_mask=value_mask,
+            key_mask=RNG.random((2, 3, 5)) > 0.2,
+        )
+        # A mask without the other axis applies along all of it.
+        _assert_matches_mha(
+            mha,
+            lambda: {"query": query, "value": value, "key": key},
+            value_mask=value_mask[:, 0],
+        )
+
+    @pytest.mark.parametrize(
+        "axes, value_positions, mask_shape",
+        [
+            ((2,), (3, 5), (4, 5)),
+            ((2,), (3, 5), (2, 4, 5)),
+            ((2,), (3, 5), (2, 3, 4, 5)),
+            ((2,), (3, 5), (2, 3, 3, 4, 5)),
+            ((2,), (3, 5), (1, 1, 3, 4, 5)),
+            ((1,), (5, 4), (3, 5)),
+            ((1,), (5, 4), (2, 4, 3, 5)),
+            ((1,), (5, 4), (2, 4, 3, 3, 5)),
+            ((1, 2), (2, 5), (3, 4, 2, 5)),
+            ((1, 2), (2, 5), (2, 3, 4, 2, 5)),
+            ((1, 2), (2, 5), (2, 3, 3, 4, 2, 5)),
+        ],
+    )
+    def test_explicit_masks(self, axes, value_positions, mask_shape):
+        query = _normal(2, 3, 4, 16)
+        value = _normal(2, *value_positions, 12)
+        mask = RNG.random(mask_shape) > 0.2
+        inputs = lambda: {"query": query, "value": value}  # noqa: E731
+        _assert_matches_mha(
+            _random_mha(attention_axes=axes), inputs, attention_mask=mask
+        )
+        layer = _random_layer(rank=4, attention_axes=axes)
+        _assert_matches_reference(
+            layer,
+            inputs,
+            _over_scores(mask, 4 + len(axes), len(axes)),
+            attention_mask=mask,
+        )
+
+    @pytest.mark.parametrize("fused", [False, True])
+    def test_fully_masked_rows(self, fused, monkeypatch):
+        # Keras MHA runs its masked softmax for these inputs: zero weights.
+        query, value = _normal(2, 3, 4, 16), _normal(2, 3, 5, 16)
+        mask = RNG.random((2, 3, 4, 5)) > 0.2
+        mask[0, 1, 2] = False
+        inputs = lambda: {"query": query, "value": value}  # noqa: E731
+        plain, with_scores, scores = _assert_matches_mha(
+            _random_mha(attention_axes=(2,)), inputs, attention_mask=mask
+        )
+        np.testing.assert_array_equal(scores[0, 1, :, 2], 0.0)
+        np.testing.assert_allclose(plain, with_scores, atol=1e-5)
+        if fused:  # as in test_fused_and_einsum_paths_agree
+            monkeypatch.setattr(
+                "keras_collab.layers.collaborative_multi_head_attention."
+                "_prefer_fused_on_torch",
+                lambda tensor: True,
+            )
+        layer = _random_layer(
+            shared_key_dim=5,
+            value_dim=5,
+            value_dim_in=16,
+            rank=4,
+            attention_axes=(2,),
+        )
+        expected_fused = BACKEND == "jax" or (fused and BACKEND == "torch")
+        assert layer._use_fused_kernel(False) == expected_fused
+        _assert_matches_reference(
+            layer, inputs, mask[:, :, None], attention_mask=mask
+        )
 
 
 class TestWeights:
@@ -611,9 +950,113 @@ class TestBadInput:
             )
 
     def test_mismatched_key_and_value_positions(self):
+        query, value, key = _normal(2, 3, 4), _normal(2, 5, 4), _normal(2, 6, 4)
+        mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2)
+        with pytest.raises(ValueError, match="must be equal") as expected:
+            mha(query, value, key=key)
         layer = CollaborativeMultiHeadAttention(num_heads=2, key_dim=2)
-        with pytest.raises(ValueError, match="`value` and `key`"):
-            layer(_normal(2, 3, 4), _normal(2, 5, 4), key=_normal(2, 6, 4))
+        with pytest.raises(ValueError, match=re.escape(str(expected.value))):
+            layer(query, value, key=key)
+
+    @pytest.mark.parametrize(
+        "query_shape, value_shape, axes",
+        [((2, 3, 4), (3, 5, 4), None), ((2, 3, 4, 4), (2, 2, 5, 4), (2,))],
+    )
+    def test_mismatched_query_and_value_batch(
+        self, query_shape, value_shape, axes
+    ):
+        # Keras MHA fails in the backend's einsum (not always a ValueError).
+        layer = CollaborativeMultiHeadAttention(
+            num_heads=2, key_dim=2, attention_axes=axes
+        )
+        with pytest.raises(ValueError, match="must be equal"):
+            layer(_normal(*query_shape), _normal(*value_shape))
+
+    @pytest.mark.parametrize(
+        "value_shape, axes, kwargs, message",
+        [
+            ((2, 5, 4), None, {"attention_mask": (2, 3, 4)}, "broadcastable"),
+            (
+                (2, 5, 4),
+                None,
+                {"attention_mask": (2, 4, 3, 5)},
+                "broadcastable",
+            ),
+            (
+                (2, 5, 4),
+                None,
+                {"attention_mask": (1, 2, 2, 3, 5)},
+                "must not have more dimensions",
+            ),
+            ((2, 5, 4), None, {"value_mask": (2, 4)}, "broadcastable"),
+            (
+                (2, 3, 5, 4),
+                (2,),
+                {"attention_mask": (2, 3, 4, 6)},
+                "broadcastable",
+            ),
+            ((2, 3, 5, 4), (2,), {"value_mask": (2, 3, 6)}, "broadcastable"),
+        ],
+    )
+    def test_masks_that_do_not_broadcast(
+        self, value_shape, axes, kwargs, message
+    ):
+        # Keras MHA raises from its masked softmax; so does the layer, with
+        # the same words, on every path.
+        query = _normal(*value_shape[:-2], 3, 4)
+        value = _normal(*value_shape)
+        masks = {name: np.ones(shape, bool) for name, shape in kwargs.items()}
+        mha = keras.layers.MultiHeadAttention(
+            num_heads=2, key_dim=2, attention_axes=axes
+        )
+        with pytest.raises(ValueError, match=message):
+            mha(query, value, return_attention_scores=True, **masks)
+        layer = CollaborativeMultiHeadAttention(
+            num_heads=2, key_dim=2, attention_axes=axes
+        )
+        for with_scores in (False, True):
+            with pytest.raises(ValueError, match=message):
+                layer(
+                    query,
+                    value,
+                    return_attention_scores=with_scores,
+                    **masks,
+                )
+
+    @pytest.mark.parametrize(
+        "kwargs, call, name",
+        [
+            ({}, {"use_causal_mask": True}, "use_causal_mask=True"),
+            ({"sliding_window": 2}, {}, "sliding_window=2"),
+        ],
+    )
+    def test_causal_or_sliding_window_over_two_axes(self, kwargs, call, name):
+        x = _normal(1, 3, 4, 8)
+        layer = CollaborativeMultiHeadAttention(
+            num_heads=2, key_dim=2, attention_axes=(1, 2), **kwargs
+        )
+        with pytest.raises(
+            ValueError, match=re.escape(f"{name} with attention_axes=(1, 2)")
+        ):
+            layer(x, x, **call)
+        # Keras MHA cannot either: its (1, T, S) mask, built from axis 1
+        # alone, does not expand to these scores (the error is the
+        # backend's).
+        mha = keras.layers.MultiHeadAttention(
+            num_heads=2, key_dim=2, attention_axes=(1, 2), **kwargs
+        )
+        with pytest.raises(Exception, match="axis|dim"):
+            mha(x, x, **call)
+
+    def test_short_padding_mask_over_two_axes(self):
+        layer = CollaborativeMultiHeadAttention(
+            num_heads=2, key_dim=2, attention_axes=(1, 2)
+        )
+        x = _normal(2, 3, 4, 8)
+        with pytest.raises(
+            ValueError, match="`value_mask` must have the shape of the"
+        ):
+            layer(x, x, value_mask=np.ones((2, 4), bool))
 
     def test_concatenate_needs_divisible_size(self):
         layer = CollaborativeMultiHeadAttention(
