@@ -32,6 +32,20 @@ class InferenceModeModel(keras.Model):
     def call(self, inputs):
         return self._function(self.wrapped, inputs)
 
+    def zero_grad(self, set_to_none=True):
+        """Clears the gradients of every trainable variable (PyTorch only:
+        its trainer calls this before each backward pass).
+
+        `torch.nn.Module.zero_grad` reaches only the Parameters that the
+        layers registered, keyed by variable path, when they were built: a
+        variable whose path another one shares, or that was swapped in
+        later, is missed, and its gradient then adds up over the steps of
+        `fit`; Adam follows the stale sum and the loss rises.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        for variable in self.trainable_weights:
+            variable.value.grad = None
+
 
 @contextlib.contextmanager
 def only_query_key_trainable(model, layers):
