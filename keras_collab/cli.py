@@ -41,6 +41,12 @@ def _parser():
         description="Collaborative multi-head attention for Keras models.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_convert_command(commands)
+    _add_report_command(commands)
+    return parser
+
+
+def _add_convert_command(commands):
     convert = commands.add_parser(
         "convert",
         help="convert the attention layers of a KerasHub model",
@@ -109,12 +115,14 @@ def _parser():
     convert.add_argument(
         "--json", action="store_true", help="print the report as JSON"
     )
+
+
+def _add_report_command(commands):
     report = commands.add_parser(
         "report", help="compare a converted preset with its source"
     )
     report.add_argument("directory")
     report.add_argument("--json", action="store_true")
-    return parser
 
 
 def _output_of(args):
