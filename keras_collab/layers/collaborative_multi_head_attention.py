@@ -700,12 +700,15 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 )
         if flat_query is None:
             flat_query, flat_value = query, value
+        scores_shape = self._scores_shape(query.shape, value.shape)
         position_masks = {
-            name: _flat_position_mask(mask, name, tensor, others, axes)
-            for name, mask, tensor in (
-                ("query_mask", query_mask, query),
-                ("value_mask", value_mask, value),
-                ("key_mask", key_mask, value),
+            name: _flat_position_mask(
+                mask, name, role, tensor, others, axes, scores_shape
+            )
+            for name, mask, role, tensor in (
+                ("query_mask", query_mask, "query", query),
+                ("value_mask", value_mask, "key", value),
+                ("key_mask", key_mask, "key", value),
             )
         }
         auto_mask = self._compute_attention_mask(
@@ -1194,22 +1197,33 @@ def _check_broadcastable(name, shape, target, target_name, received=None):
         )
 
 
-def _flat_position_mask(mask, name, tensor, others, axes):
+def _flat_position_mask(mask, name, role, tensor, others, axes, scores):
     """A padding mask over the positions of `tensor`, for Keras MHA's
     `_compute_attention_mask` over the flattened attention.
 
-    A mask with the shape of `tensor` without its last axis (the Keras mask
-    of a tensor) marks each position. With a single attention axis, a mask
-    with fewer axes is read as Keras MHA reads it: its last axis runs over
-    the attention positions, its leading axes over the batch and the other
-    axes, from the left. For `(B, T, dim)` inputs the mask is returned as it
-    is; otherwise it is flattened to `(B', T')` like the attention.
+    For `(B, T, dim)` inputs the mask is returned as it is, once checked
+    against the `scores` shape as Keras MHA lays it out (`(B, T, 1)` for
+    the query's, `role="query"`; `(B, 1, S)` for a key's, `role="key"`).
+    Otherwise it is flattened to `(B', T')` like the attention: a mask with
+    the shape of `tensor` without its last axis (the Keras mask of a tensor)
+    marks each position; with a single attention axis, a mask with fewer
+    axes is read as Keras MHA reads it: its last axis runs over the
+    attention positions, its leading axes over the batch and the other
+    axes, from the left.
     """
     if mask is None:
         return None
     positions = tuple(tensor.shape[:-1])
-    order = (0,) + others + axes
     received = tuple(mask.shape)
+    if len(positions) == 2:
+        if role == "query":
+            piece = received + (1,)
+        else:
+            piece = received[:-1] + (1,) + received[-1:]
+        piece = piece[:-2] + (1,) * (len(scores) - len(piece)) + piece[-2:]
+        _check_broadcastable(name, piece, scores, "scores", received)
+        return mask
+    order = (0,) + others + axes
     target = tuple(positions[i] for i in order)
     if len(received) == len(positions):
         laid_out = tuple(received[i] for i in order)
@@ -1223,8 +1237,6 @@ def _flat_position_mask(mask, name, tensor, others, axes):
             f"attention_axes={axes}. Received: {name}.shape={received}"
         )
     _check_broadcastable(name, laid_out, target, "positions", received)
-    if len(positions) == 2:
-        return mask
     mask = ops.cast(mask, "bool")
     if len(received) == len(positions):
         mask = ops.transpose(mask, order)
