@@ -895,14 +895,18 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         logits = ops.einsum("bhtd,bsd->bhts", head_queries, shared_key)
         if content_logits is not None:
             logits = logits + _scaled_content_logits(content_logits, scale)
+        # Returned scores show the zero rows; otherwise zeroing the context
+        # gives the same output for less work than a pass over the scores.
         probabilities = self._masked_softmax_float32(
-            logits, mask, zero_masked_rows
+            logits, mask, zero_masked_rows and return_attention_scores
         )
         if self._dropout > 0.0:
             dropped = self._dropout_layer(probabilities, training=training)
         else:
             dropped = probabilities
         context = ops.einsum("bhts,bshd->bthd", dropped, value)
+        if zero_masked_rows and not return_attention_scores:
+            context = _zero_fully_masked_rows(context, mask)
         return context, probabilities
 
     def _use_blocked_torch_kernel(

@@ -465,6 +465,27 @@ class TestMasksAsInMultiHeadAttention:
             attention_mask=mask,
         )
 
+    @pytest.mark.parametrize("mask_shape", [(2, 3, 5, 5), (1, 3, 5, 5)])
+    def test_per_head_mask_on_the_fused_path(self, mask_shape, monkeypatch):
+        # value_dim = num_heads * key_dim = D̃ lets JAX's fused kernel run;
+        # on PyTorch it is forced, as on an accelerator. (Keras MHA's own
+        # fused JAX path refuses value_dim != key_dim: its einsum path is
+        # the expected value.)
+        monkeypatch.setattr(
+            "keras_collab.layers.collaborative_multi_head_attention."
+            "_prefer_fused_on_torch",
+            lambda tensor: True,
+        )
+        query = _normal(2, 5, 16)
+        mask = RNG.random(mask_shape) > 0.3
+        mask[..., 0] = True  # no fully masked row: both paths average none
+        mha = _random_mha(value_dim=12)
+        expected = _mha_outputs(mha, query, query, attention_mask=mask)
+        layer = CollaborativeMultiHeadAttention.from_multi_head_attention(mha)
+        assert layer._use_fused_kernel(False) == (BACKEND != "tensorflow")
+        output = layer(query, query, attention_mask=mask)
+        np.testing.assert_allclose(_numpy(output), expected, atol=1e-5)
+
     def test_per_head_mask_with_padding_and_causal(self):
         # A batch of 2 and 3 heads: the masks must meet position by position
         # (Keras MHA's own merge lines them up from the right, which fits
@@ -508,6 +529,20 @@ class TestMasksAsInMultiHeadAttention:
         differs = not np.allclose(plain[0, 2], with_scores[0, 2], atol=1e-3)
         assert differs == (dropout == 0.0)
         np.testing.assert_allclose(plain[1], with_scores[1], atol=1e-5)
+
+    def test_fully_masked_rows_in_training(self):
+        # Dropout draws differ between the layers, but a query that attends
+        # nowhere has no weight to drop: Keras MHA outputs the output bias.
+        query, value = _normal(2, 5, 16), _normal(2, 7, 12)
+        mask = RNG.random((2, 5, 7)) > 0.3
+        mask[0, 2] = False
+        mha = _random_mha(dropout=0.5)
+        expected = mha(query, value, attention_mask=mask, training=True)
+        layer = CollaborativeMultiHeadAttention.from_multi_head_attention(mha)
+        output = layer(query, value, attention_mask=mask, training=True)
+        bias = _numpy(mha.output_dense.bias)
+        np.testing.assert_allclose(_numpy(expected)[0, 2], bias, atol=1e-6)
+        np.testing.assert_allclose(_numpy(output)[0, 2], bias, atol=1e-6)
 
     @pytest.mark.parametrize("mask_shape", [(2, 7), (7,), (2, 1, 7)])
     def test_padding_mask_shapes(self, mask_shape):
