@@ -10,11 +10,15 @@ from keras_collab.layers.collaborative_multi_head_attention import (
 from keras_collab.layers.collaborative_multi_head_attention import (
     CollaborativeQueryKey,
 )
+from keras_collab.layers.collaborative_multi_head_attention import (
+    CollaborativeValueOutput,
+)
 from keras_collab.layers.initializers import ConcatenateMixing
 
 __all__ = [
     "CachedCollaborativeMultiHeadAttention",
     "CollaborativeMultiHeadAttention",
     "CollaborativeQueryKey",
+    "CollaborativeValueOutput",
     "ConcatenateMixing",
 ]

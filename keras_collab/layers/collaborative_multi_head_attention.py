@@ -44,6 +44,35 @@ class CollaborativeQueryKey:
         return int(np.shape(self.query_kernel)[1])
 
 
+@dataclasses.dataclass
+class CollaborativeValueOutput:
+    """The shared value/output side of a collaborative layer, as NumPy
+    arrays (a layer with `shared_value_dim`).
+
+    Attributes:
+        value_kernel: `(D_v_in, D̃_v)` shared value kernel `W̃_V`.
+        value_mixing: `(H, D̃_v)` value mixing vectors `n_h`.
+        output_kernel: `(D̃_v, D_out)` shared output kernel `W̃_O`.
+        value_bias: `(D̃_v,)` shared value bias, or `None` (zeros).
+        output_bias: `(D_out,)` output bias, or `None` (zeros).
+        gate_kernel: `(D_q, H, D̃_v)` gate kernel, or `None` for a layer
+            without a gate.
+        gate_bias: `(H, D̃_v)` gate bias, or `None` (zeros).
+    """
+
+    value_kernel: np.ndarray
+    value_mixing: np.ndarray
+    output_kernel: np.ndarray
+    value_bias: np.ndarray = None
+    output_bias: np.ndarray = None
+    gate_kernel: np.ndarray = None
+    gate_bias: np.ndarray = None
+
+    @property
+    def shared_value_dim(self):
+        return int(np.shape(self.value_kernel)[1])
+
+
 @keras.saving.register_keras_serializable(package="keras_collab")
 class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     """Multi-head attention whose heads share their query and key projections.
