@@ -32,6 +32,7 @@ SUITES = {
     "conversion": "benchmarks.suites.conversion",
     "fidelity": "benchmarks.suites.fidelity",
     "pruning": "benchmarks.suites.pruning",
+    "decode": "benchmarks.suites.decode",
     "all": "benchmarks.suites.full_set",
 }
 
