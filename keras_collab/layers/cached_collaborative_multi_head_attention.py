@@ -6,6 +6,7 @@ from keras import ops
 from keras_collab.layers.collaborative_multi_head_attention import (
     CollaborativeMultiHeadAttention,
 )
+from keras_collab.layers.collaborative_multi_head_attention import _rank4_mask
 
 COMPACT = "compact"
 KERAS_HUB = "keras_hub"
@@ -132,16 +133,14 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
                 cache, layout
             )
 
-        attention_output, attention_scores = (
-            self._compute_collaborative_attention(
-                shared_query,
-                shared_key,
-                projected_value,
-                content_logits,
-                attention_mask,
-                training=training,
-                return_attention_scores=return_attention_scores,
-            )
+        attention_output, attention_scores = self._compute_attention(
+            shared_query,
+            shared_key,
+            projected_value,
+            _rank4_mask(attention_mask),
+            training,
+            return_attention_scores,
+            content_logits=content_logits,
         )
         attention_output = self._output_dense(attention_output)
         if return_attention_scores and cache is not None:

@@ -109,6 +109,18 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     CPU in float32 a cache-blocked kernel (`torch_blocked_attention`), which
     keeps each block's scores in cache instead of materialising them all.
 
+    Subclasses that change the attention itself override one method, as
+    with Keras MHA's `_compute_attention`: `_compute_attention(query, key,
+    value, attention_mask=None, training=None, return_attention_scores=
+    False, content_logits=None)`. It receives the shared query `Q̃` `(B, T,
+    D̃)`, the shared key `K̃` `(B, S, D̃)`, the projected values `(B, S, H,
+    value_dim)`, the final mask (every mask combined, `use_causal_mask`
+    included, of rank 4, broadcastable to `(B, H, T, S)`, or `None`) and
+    the content logits `Y c_h` `(B, S, H)` (or `None`), and returns the
+    `(B, T, H, value_dim)` context and the `(B, H, T, S)` probabilities (or
+    `None`). Every path calls it: rank-3 inputs, `attention_axes` (folded
+    into rank 3 first) and `CachedCollaborativeMultiHeadAttention`.
+
     Args:
         num_heads: Number of attention heads.
         key_dim: Size of each attention head for query and key in the
@@ -564,7 +576,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
 
         standard_layout = self._has_standard_layout(query)
         # As in Keras MHA, a causal mask that is the only mask runs as the
-        # backends' causal kernel rather than as a materialised mask.
+        # backends' causal kernel rather than as a materialised mask, unless
+        # a subclass overrides `_compute_attention`: it gets the mask.
         causal_only = (
             use_causal_mask
             and query_mask is None
@@ -572,6 +585,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             and key_mask is None
             and attention_mask is None
             and self._sliding_window is None
+            and type(self)._compute_attention
+            is CollaborativeMultiHeadAttention._compute_attention
         )
         if standard_layout and not causal_only:
             attention_mask = self._attention_mask(query, value, **masks)
@@ -583,17 +598,18 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         content_logits = self._content_logits(key)
 
         if standard_layout:
-            attention_output, attention_scores = (
-                self._compute_collaborative_attention(
-                    shared_query,
-                    shared_key,
-                    projected_value,
-                    content_logits,
-                    None if causal_only else attention_mask,
-                    training=training,
-                    return_attention_scores=return_attention_scores,
-                    use_causal_mask=causal_only,
-                )
+            # Only the layer's own implementation is told to add the causal
+            # mask; an override always gets it in `attention_mask`.
+            causal = {"use_causal_mask": True} if causal_only else {}
+            attention_output, attention_scores = self._compute_attention(
+                shared_query,
+                shared_key,
+                projected_value,
+                None if causal_only else _rank4_mask(attention_mask),
+                training,
+                return_attention_scores,
+                content_logits=content_logits,
+                **causal,
             )
         else:
             attention_output, attention_scores = self._attend_over_axes(
@@ -824,49 +840,55 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             return bool(self._flash_attention) or _prefer_fused_on_torch(tensor)
         return backend == "jax" and self._shared_key_dim == self._value_dim
 
-    def _compute_collaborative_attention(
+    def _compute_attention(
         self,
-        shared_query,
-        shared_key,
+        query,
+        key,
         value,
-        content_logits,
-        attention_mask,
+        attention_mask=None,
         training=None,
         return_attention_scores=False,
+        content_logits=None,
         use_causal_mask=False,
-        zero_masked_rows=None,
     ):
-        """Attention from the shared projections.
+        """Attention from the shared projections: the override point.
+
+        Every path of the layer (inputs of rank 3, `attention_axes`, the
+        cached twin) computes its attention here, on `(B, T, ...)` tensors
+        whose single sequence axis is 1 (with `attention_axes`, the
+        non-attention axes are folded into `B` and the attention axes
+        flattened into `T` and `S`).
 
         Args:
-            shared_query: `(B, T, D̃)` shared query projection.
-            shared_key: `(B, S, D̃)` shared key projection.
+            query: `(B, T, D̃)` shared query projection `Q̃` (not scaled).
+            key: `(B, S, D̃)` shared key projection `K̃`.
             value: `(B, S, H, value_dim)` projected values.
-            content_logits: `(B, S, H)` content-bias logits, or `None`.
-            attention_mask: `None`, a boolean mask broadcastable to `(B, H,
-                T, S)`, or one of rank 3 broadcastable to `(B, T, S)`.
+            attention_mask: `None` or a boolean mask of rank 4,
+                broadcastable to `(B, H, T, S)`: the final mask, causal,
+                sliding-window, padding and explicit masks combined.
             training: Whether dropout is active.
             return_attention_scores: Whether to return the probabilities.
-            use_causal_mask: Whether to add the causal mask (combined with
-                `attention_mask` if there is one).
-            zero_masked_rows: What a query row whose keys are all masked
-                gets, as in Keras MHA: `True`, zero probabilities (Keras'
-                masked softmax); `False`, uniform ones (Keras' fused
-                `dot_product_attention`); `None`, what Keras MHA does for
-                `(B, T, dim)` inputs: zero with dropout or returned scores.
+            content_logits: `(B, S, H)` content-bias logits `Y c_h` (not
+                scaled), or `None` without a content bias.
+            use_causal_mask: Only ever `True` for the layer's own
+                implementation, when the causal mask is the only mask
+                (it then runs the backends' causal kernel); an override
+                always receives the causal mask in `attention_mask`.
 
         Returns:
             `(B, T, H, value_dim)` context and `(B, H, T, S)` probabilities
-            (or `None` on the fused path).
+            (or `None` where they are not computed). A query whose keys
+            are all masked gets zero probabilities with dropout or
+            returned scores, uniform ones otherwise, as in Keras MHA.
         """
+        shared_query, shared_key = query, key
         if self._flash_attention and return_attention_scores:
             raise ValueError(
                 "Returning attention scores is not supported when flash "
                 "attention is enabled. Please disable flash attention to "
                 "access attention scores."
             )
-        if zero_masked_rows is None:
-            zero_masked_rows = self._dropout > 0.0 or return_attention_scores
+        zero_masked_rows = self._dropout > 0.0 or return_attention_scores
         mask = _rank4_mask(attention_mask)
         if use_causal_mask and mask is not None:
             # Never drop either mask: the causal one joins the other.
@@ -1103,16 +1125,19 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             flat_query=flat_query,
             flat_value=flat_value,
         )
-        context, scores = self._compute_collaborative_attention(
+        flat_mask = _rank4_mask(flat_mask)
+        context, scores = self._compute_attention(
             flat_query,
             flat_key,
             flat_value,
-            flat_content,
             flat_mask,
-            training=training,
-            return_attention_scores=return_attention_scores,
-            zero_masked_rows=True,
+            training,
+            return_attention_scores,
+            content_logits=flat_content,
         )
+        # Keras MHA's masked softmax runs for these inputs: a query whose
+        # keys are all masked gets no weight.
+        context = _zero_fully_masked_rows(context, flat_mask)
         permuted_shape = (
             tuple(outer)
             + tuple(query_positions)

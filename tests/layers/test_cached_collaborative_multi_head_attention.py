@@ -128,3 +128,51 @@ def test_serializable():
     clone = keras.saving.deserialize_keras_object(config)
     assert isinstance(clone, CachedCollaborativeMultiHeadAttention)
     assert clone.shared_key_dim == 6
+
+
+def test_cached_attention_goes_through_the_override_point():
+    received = []
+
+    class Recording(CachedCollaborativeMultiHeadAttention):
+        def _compute_attention(
+            self, query, key, value, attention_mask=None, *args, **kwargs
+        ):
+            received.append(
+                None
+                if attention_mask is None
+                else ops.convert_to_numpy(attention_mask)
+            )
+            return super()._compute_attention(
+                query, key, value, attention_mask, *args, **kwargs
+            )
+
+    layer = _layer()
+    twin = Recording.from_config(layer.get_config())
+    twin.build((None, None, 16), (None, None, 16))
+    twin.set_weights(layer.get_weights())
+    x = RNG.normal(size=(2, 3, 16)).astype("float32")
+    mask = np.arange(4)[None, None, :] <= 1
+    cache = layer.empty_cache(2, 4)
+    expected, _ = layer(
+        x[:, 1:2],
+        x[:, 1:2],
+        attention_mask=mask,
+        cache=cache,
+        cache_update_index=1,
+    )
+    output, _ = twin(
+        x[:, 1:2],
+        x[:, 1:2],
+        attention_mask=mask,
+        cache=cache,
+        cache_update_index=1,
+    )
+    (received_mask,) = received
+    assert received_mask.ndim == 4
+    np.testing.assert_array_equal(
+        np.broadcast_to(received_mask, (2, 2, 1, 4)),
+        np.broadcast_to(mask[:, None], (2, 2, 1, 4)),
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(output), ops.convert_to_numpy(expected), atol=1e-6
+    )

@@ -742,6 +742,128 @@ class TestMasksOverAttentionAxes:
         )
 
 
+def _recording_class(base, received):
+    """A subclass of `base` whose `_compute_attention` (the override point)
+    appends what it receives to `received`, then attends as `base` does."""
+
+    class Recording(base):
+        def _compute_attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask=None,
+            training=None,
+            return_attention_scores=False,
+            content_logits=None,
+        ):
+            received.append(
+                {
+                    "query": tuple(query.shape),
+                    "key": tuple(key.shape),
+                    "value": tuple(value.shape),
+                    "mask": None
+                    if attention_mask is None
+                    else _numpy(attention_mask),
+                    "content": None
+                    if content_logits is None
+                    else tuple(content_logits.shape),
+                }
+            )
+            return super()._compute_attention(
+                query,
+                key,
+                value,
+                attention_mask,
+                training,
+                return_attention_scores,
+                content_logits=content_logits,
+            )
+
+    return Recording
+
+
+def _recording_twin(layer, received, **kwargs):
+    """A built recording copy of `layer`, with its weights."""
+    twin = _recording_class(type(layer), received).from_config(
+        {**layer.get_config(), **kwargs}
+    )
+    positions = (None,) * (len(layer.query_dense.equation.split(",")[0]) - 1)
+    twin.build(
+        positions + (layer.query_dense.kernel.shape[0],),
+        positions + (layer.value_dense.kernel.shape[0],),
+        positions + (layer.key_dense.kernel.shape[0],),
+    )
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+class TestOverridePoint:
+    """`_compute_attention` is the one override point of the attention."""
+
+    @pytest.mark.parametrize("with_scores", [False, True])
+    def test_causal_mask_reaches_an_override(self, with_scores):
+        layer = _random_layer(value_dim_in=16)
+        received = []
+        twin = _recording_twin(layer, received)
+        query = _normal(2, 6, 16)
+        kwargs = dict(use_causal_mask=True, return_attention_scores=with_scores)
+        expected = layer(query, query, **kwargs)
+        actual = twin(query, query, **kwargs)
+        (call,) = received
+        assert call["query"] == (2, 6, 6) and call["key"] == (2, 6, 6)
+        assert call["value"] == (2, 6, 3, 4)
+        assert call["content"] == (2, 6, 3)
+        assert call["mask"].ndim == 4
+        np.testing.assert_array_equal(
+            np.broadcast_to(call["mask"], (2, 3, 6, 6)),
+            np.broadcast_to(causal_mask(6, 6), (2, 3, 6, 6)),
+        )
+        for a, e in zip(
+            actual if with_scores else [actual],
+            expected if with_scores else [expected],
+        ):
+            np.testing.assert_allclose(_numpy(a), _numpy(e), atol=1e-5)
+
+    @pytest.mark.parametrize("axes", [(1,), (2,)])
+    def test_causal_mask_over_attention_axes_reaches_an_override(self, axes):
+        layer = _random_layer(value_dim_in=16, rank=4, attention_axes=axes)
+        received = []
+        twin = _recording_twin(layer, received)
+        x = _normal(2, 4, 4, 16)
+        expected = layer(x, x, use_causal_mask=True)
+        actual = twin(x, x, use_causal_mask=True)
+        (call,) = received
+        # The other axis folds into the batch: (2 * 4, 4, ...).
+        assert call["query"] == (8, 4, 6)
+        assert call["value"] == (8, 4, 3, 4)
+        assert call["mask"].ndim == 4
+        np.testing.assert_array_equal(
+            np.broadcast_to(call["mask"], (8, 3, 4, 4)),
+            np.broadcast_to(causal_mask(4, 4), (8, 3, 4, 4)),
+        )
+        np.testing.assert_allclose(_numpy(actual), _numpy(expected), atol=1e-5)
+
+    def test_combined_masks_reach_an_override(self):
+        layer = _random_layer(value_dim_in=16)
+        received = []
+        twin = _recording_twin(layer, received)
+        query = _normal(2, 5, 16)
+        value_mask = np.array([[1] * 5, [1] * 3 + [0] * 2], dtype=bool)
+        head_mask = RNG.random((2, 3, 5, 5)) > 0.3
+        twin(
+            query,
+            query,
+            value_mask=value_mask,
+            attention_mask=head_mask,
+            use_causal_mask=True,
+        )
+        expected = head_mask & causal_mask(5, 5) & value_mask[:, None, None]
+        np.testing.assert_array_equal(
+            np.broadcast_to(received[0]["mask"], expected.shape), expected
+        )
+
+
 class TestWeights:
     def test_names_and_shapes(self):
         layer = CollaborativeMultiHeadAttention(
