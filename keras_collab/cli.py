@@ -26,13 +26,22 @@ DEFAULT_OUTPUT = "minilm_collab"
 HELD_OUT_TEXTS = 64
 
 
-def _shared_key_dim(text):
-    from keras_collab.conversion.attention import parse_shared_key_dim
+def _dim_parser(name):
+    """An argparse type for D̃ (`shared_key_dim`) or D̃_v."""
 
-    try:
-        return parse_shared_key_dim(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"--shared-key-dim: {error}") from None
+    def parse(text):
+        from keras_collab.conversion.attention import parse_dim
+
+        try:
+            return parse_dim(text, name)
+        except ValueError as error:
+            flag = "--" + name.replace("_", "-")
+            raise argparse.ArgumentTypeError(f"{flag}: {error}") from None
+
+    return parse
+
+
+_shared_key_dim = _dim_parser("shared_key_dim")
 
 
 def _parser():
@@ -65,6 +74,17 @@ def _add_convert_command(commands):
         default=DEFAULT_SHARED_KEY_DIM,
         help="D̃: an integer, or a fraction of num_heads*key_dim "
         f"(default {DEFAULT_SHARED_KEY_DIM})",
+    )
+    convert.add_argument(
+        "--shared-value-dim",
+        type=_dim_parser("shared_value_dim"),
+        help="D̃_v of shared values: an integer, or a fraction of "
+        "num_heads*value_dim (default: per-head values, copied exactly)",
+    )
+    convert.add_argument(
+        "--value-target-error",
+        type=float,
+        help="choose D̃_v per layer to meet this relative error",
     )
     convert.add_argument("--output", help="directory of the new preset")
     convert.add_argument(
@@ -141,8 +161,12 @@ def _validate(args):
         raise ValueError("--samples must be at least 1.")
     if args.refine_steps < 0:
         raise ValueError("--refine-steps must be >= 0.")
-    if args.target_error is not None and not 0 < args.target_error < 1:
-        raise ValueError("--target-error must lie in (0, 1).")
+    for flag, value in (
+        ("--target-error", args.target_error),
+        ("--value-target-error", args.value_target_error),
+    ):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"{flag} must lie in (0, 1).")
     if args.distill_steps < 0:
         raise ValueError("--distill-steps must be >= 0.")
     if args.refine_steps and args.no_calibration:
@@ -186,8 +210,10 @@ def convert(args):
     result = convert_model(
         loaded.backbone,
         args.shared_key_dim,
+        shared_value_dim=args.shared_value_dim,
         calibration_data=calibration,
         target_error=args.target_error,
+        value_target_error=args.value_target_error,
         refine_steps=args.refine_steps,
         refine_objective=args.refine_objective,
         distill_steps=args.distill_steps,
@@ -195,6 +221,8 @@ def convert(args):
     )
     measured = fidelity(loaded.backbone, result.model, held_out)
     report = _conversion_report(args, source, output, result, measured)
+    report["total_params_before"] = loaded.backbone.count_params()
+    report["total_params_after"] = result.model.count_params()
     with preset_files.atomic_directory(output, force=args.force) as staging:
         result.model.save_to_preset(staging)
         loaded.tokenizer.save_to_preset(staging)
@@ -203,7 +231,6 @@ def convert(args):
 
 
 def _conversion_report(args, source, output, result, fidelity):
-    backbone = result.model
     layers = []
     for path, conversion in result.layers.items():
         row = {
@@ -215,16 +242,22 @@ def _conversion_report(args, source, output, result, fidelity):
             "iterations": conversion.iterations,
             "qk_params_before": conversion.qk_params_before,
             "qk_params_after": conversion.qk_params_after,
+            "shared_value_dim": conversion.shared_value_dim,
+            "value_relative_error": conversion.value_relative_error,
+            "vo_params_before": conversion.vo_params_before,
+            "vo_params_after": conversion.vo_params_after,
             "seconds": conversion.seconds,
         }
         row.update(result.refinement.get(path, {}))
         layers.append(row)
     before, after = result.qk_params_before, result.qk_params_after
-    total_after = backbone.count_params()
+    vo_before = sum(row["vo_params_before"] for row in layers)
+    vo_after = sum(row["vo_params_after"] for row in layers)
     return {
         "source": os.path.abspath(source) if os.path.isdir(source) else source,
         "output": os.path.abspath(output),
         "shared_key_dim": args.shared_key_dim,
+        "shared_value_dim": args.shared_value_dim,
         "calibration": None
         if args.no_calibration
         else (args.calibration or "builtin corpus"),
@@ -237,11 +270,12 @@ def _conversion_report(args, source, output, result, fidelity):
         "distill_steps": args.distill_steps,
         "distillation": result.distillation or None,
         "target_error": args.target_error,
+        "value_target_error": args.value_target_error,
         "layers": layers,
         "qk_params_before": before,
         "qk_params_after": after,
-        "total_params_before": total_after + before - after,
-        "total_params_after": total_after,
+        "vo_params_before": vo_before,
+        "vo_params_after": vo_after,
         "fidelity": fidelity,
         "conversion_seconds": result.seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -295,6 +329,7 @@ def format_report(report):
         f"{report['qk_params_after']:,} "
         f"({_ratio(report['qk_params_before'], report['qk_params_after'])}"
         " fewer)",
+        *_value_lines(report),
         f"Model parameters:     {report['total_params_before']:,} -> "
         f"{report['total_params_after']:,}",
         _fidelity_line(fidelity, fidelity.get("output")),
@@ -306,6 +341,21 @@ def format_report(report):
         "(model loading excluded)"
     )
     return "\n".join(lines)
+
+
+def _value_lines(report):
+    """The shared-values line, for reports of conversions that used them
+    (reports written before shared values existed have no such key)."""
+    if not report.get("shared_value_dim") and not report.get(
+        "value_target_error"
+    ):
+        return []
+    before, after = report["vo_params_before"], report["vo_params_after"]
+    dims = sorted({row["shared_value_dim"] for row in report["layers"]})
+    return [
+        f"Shared values (D̃_v {', '.join(map(str, dims))}): value/output "
+        f"parameters {before:,} -> {after:,} ({_ratio(before, after)} fewer)"
+    ]
 
 
 def _ratio(before, after):

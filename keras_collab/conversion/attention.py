@@ -27,6 +27,7 @@ from keras_collab.conversion.calibration import as_statistics
 from keras_collab.layers import CachedCollaborativeMultiHeadAttention
 from keras_collab.layers import CollaborativeMultiHeadAttention
 from keras_collab.layers import CollaborativeQueryKey
+from keras_collab.layers import CollaborativeValueOutput
 
 
 @dataclasses.dataclass
@@ -44,6 +45,12 @@ class AttentionConversion:
         qk_params_before: Query/key parameters of the original layer.
         qk_params_after: Query/key parameters of the collaborative layer
             (projections, biases, mixing and content bias).
+        shared_value_dim: The D̃_v used, or `None` for per-head values.
+        value_relative_error: Relative error of the re-parametrized
+            value/output products (activation-weighted when calibrated), or
+            `None` for per-head values.
+        vo_params_before: Value/output parameters of the original layer.
+        vo_params_after: Value/output parameters of the collaborative layer.
     """
 
     layer: CollaborativeMultiHeadAttention
@@ -53,6 +60,10 @@ class AttentionConversion:
     seconds: float
     qk_params_before: int
     qk_params_after: int
+    shared_value_dim: int = None
+    value_relative_error: float = None
+    vo_params_before: int = 0
+    vo_params_after: int = 0
 
 
 def is_convertible(layer):
@@ -84,20 +95,26 @@ def full_shared_key_dim(mha):
     return mha.num_heads * mha.key_dim
 
 
-def parse_shared_key_dim(spec):
-    """Checks a user's D̃ before any layer is known.
+def full_shared_value_dim(mha):
+    """`num_heads * value_dim`: the D̃_v at which shared values are exact."""
+    return mha.num_heads * mha._value_dim
+
+
+def parse_dim(spec, name="shared_key_dim"):
+    """Checks a user's D̃ (or D̃_v) before any layer is known.
 
     Args:
         spec: `None` (full size), an integer, a float in (0, 1] read as a
-            fraction of `num_heads * key_dim` (1.0: full size), a whole
-            float above 1 (a size), or a string of one of those ("96",
-            "0.5"; a string with a "." is a float).
+            fraction of the full size (1.0: full size), a whole float above
+            1 (a size), or a string of one of those ("96", "0.5"; a string
+            with a "." is a float).
+        name: The argument's name, for errors.
 
     Returns:
         `None`, a positive `int` size, or a `float` fraction in (0, 1].
 
     Raises:
-        ValueError: naming `shared_key_dim` and what was received.
+        ValueError: naming the argument and what was received.
     """
     if spec is None:
         return None
@@ -106,54 +123,57 @@ def parse_shared_key_dim(spec):
             number = float(spec)
         except ValueError:
             raise ValueError(
-                "`shared_key_dim` must be an integer or a fraction. "
-                f"Received: shared_key_dim={spec!r}"
+                f"`{name}` must be an integer or a fraction. "
+                f"Received: {name}={spec!r}"
             ) from None
         spec = number if "." in spec or not number.is_integer() else int(number)
     if isinstance(spec, bool) or not isinstance(
         spec, (int, float, np.integer, np.floating)
     ):
-        raise ValueError(
-            f"`shared_key_dim` must be a number. Received: {spec!r}"
-        )
+        raise ValueError(f"`{name}` must be a number. Received: {spec!r}")
     if spec <= 0:
-        raise ValueError(
-            "`shared_key_dim` must be positive. Received: "
-            f"shared_key_dim={spec}"
-        )
+        raise ValueError(f"`{name}` must be positive. Received: {name}={spec}")
     if isinstance(spec, (float, np.floating)):
         if 0.0 < spec <= 1.0:
             return float(spec)
         if not float(spec).is_integer():
             raise ValueError(
-                "A fractional `shared_key_dim` must lie in (0, 1]. "
-                f"Received: shared_key_dim={spec}"
+                f"A fractional `{name}` must lie in (0, 1]. "
+                f"Received: {name}={spec}"
             )
     return int(spec)
 
 
-def resolve_shared_key_dim(spec, mha):
-    """Turns a user's `shared_key_dim` into an integer D̃ for `mha`.
+def parse_shared_key_dim(spec):
+    """`parse_dim` for `shared_key_dim`."""
+    return parse_dim(spec, "shared_key_dim")
 
-    Args:
-        spec: Anything `parse_shared_key_dim` accepts.
-        mha: The attention layer.
 
-    Returns:
-        The integer D̃, checked to lie in `[1, num_heads * key_dim]`.
-    """
-    full = full_shared_key_dim(mha)
-    spec = parse_shared_key_dim(spec)
+def _resolve_dim(spec, full, name, mha):
+    spec = parse_dim(spec, name)
     if spec is None:
         return full
     if isinstance(spec, float):
         return max(1, int(round(spec * full)))
     if not 1 <= spec <= full:
         raise ValueError(
-            f"`shared_key_dim` must lie in [1, num_heads * key_dim = {full}] "
-            f"for layer '{mha.name}'. Received: shared_key_dim={spec}"
+            f"`{name}` must lie in [1, {full}] for layer '{mha.name}'. "
+            f"Received: {name}={spec}"
         )
     return spec
+
+
+def resolve_shared_key_dim(spec, mha):
+    """Turns a user's `shared_key_dim` into an integer D̃ for `mha`, in
+    `[1, num_heads * key_dim]` (`None`: full size)."""
+    return _resolve_dim(spec, full_shared_key_dim(mha), "shared_key_dim", mha)
+
+
+def resolve_shared_value_dim(spec, mha):
+    """Turns a user's `shared_value_dim` into an integer D̃_v for `mha`, in
+    `[1, num_heads * value_dim]` (`None`: full size)."""
+    full = full_shared_value_dim(mha)
+    return _resolve_dim(spec, full, "shared_value_dim", mha)
 
 
 def per_head_kernels(mha):
@@ -166,26 +186,61 @@ def per_head_kernels(mha):
     )
 
 
+def per_head_value_output_kernels(mha):
+    """Value and output kernels of `mha` as `(H, D_v, d_v)` and the output
+    kernels transposed, `(H, D_out, d_v)`: head `h` adds
+    `A_h Y W_V^h W_O^h` to the output, so the products `W_V^h W_O^h` have
+    the same structure as the query/key products."""
+    if len(mha.output_dense.kernel.shape) != 3:
+        raise ValueError(
+            "Shared values need an output projection of shape (num_heads, "
+            f"value_dim, features); layer '{mha.name}' has "
+            f"{tuple(mha.output_dense.kernel.shape)} (a custom "
+            "`output_shape`)."
+        )
+    value = keras.ops.convert_to_numpy(mha.value_dense.kernel)
+    output = keras.ops.convert_to_numpy(mha.output_dense.kernel)
+    return (
+        np.transpose(value.astype("float64"), (1, 0, 2)),
+        np.transpose(output.astype("float64"), (0, 2, 1)),
+    )
+
+
+def _parameters(variables):
+    return int(sum(np.prod(v.shape) for v in variables if v is not None))
+
+
 def query_key_parameters(layer):
     """How many parameters the query/key side of an attention layer has:
     kernels and biases of a Keras MHA, `query_key_variables` of a
     collaborative layer."""
     if is_collaborative(layer):
-        variables = layer.query_key_variables
-    else:
-        variables = [layer.query_dense.kernel, layer.key_dense.kernel]
-        for dense in (layer.query_dense, layer.key_dense):
-            if dense.bias is not None:
-                variables.append(dense.bias)
-    return int(sum(np.prod(v.shape) for v in variables))
+        return _parameters(layer.query_key_variables)
+    return _parameters(
+        [layer.query_dense.kernel, layer.key_dense.kernel]
+        + [dense.bias for dense in (layer.query_dense, layer.key_dense)]
+    )
+
+
+def value_output_parameters(layer):
+    """How many parameters the value and output projections (and gate)
+    of an attention layer have."""
+    if is_collaborative(layer) and getattr(layer, "shared_value_dim", None):
+        return _parameters(layer.value_output_variables)
+    denses = [layer.value_dense, layer.output_dense]
+    if getattr(layer, "_gate_dense", None) is not None:
+        denses.append(layer._gate_dense)
+    return _parameters([w for dense in denses for w in dense.weights])
 
 
 def convert_attention(
     mha,
     shared_key_dim=None,
     *,
+    shared_value_dim=None,
     calibration=None,
     target_error=None,
+    value_target_error=None,
     layer_class=None,
     name=None,
     seed=0,
@@ -200,13 +255,19 @@ def convert_attention(
         shared_key_dim: D̃: `None` for full size (exact), an integer, or a
             fraction of `num_heads * key_dim`. Ignored when `target_error`
             is given.
+        shared_value_dim: D̃_v of shared values: `None` keeps per-head
+            values (exact copies); an integer or a fraction of
+            `num_heads * value_dim` decomposes the per-head value/output
+            products `W_V^h W_O^h` the same way (full size is exact).
         calibration: Optional description of the layer's real inputs: an
             `AttentionStatistics`, an array of self-attention inputs
             `(N, T, D)`, or a `(query_inputs, key_inputs)` pair for
             cross-attention. With it the decomposition minimises the error
-            of the logits on that data instead of the error of the weights.
+            of the logits (and of the values) on that data instead of the
+            error of the weights.
         target_error: Optional float in (0, 1): pick the smallest D̃ (a
             multiple of `key_dim`) whose relative error meets it.
+        value_target_error: The same for D̃_v (shared values).
         layer_class: The collaborative class to build (a subclass of
             `CollaborativeMultiHeadAttention`); by default the one that can
             stand in for `mha` (`collaborative_class_for`).
@@ -227,6 +288,43 @@ def convert_attention(
     >>> result.layer.shared_key_dim, result.relative_error < 1.0
     (16, True)
     """
+    _check_convertible(mha)
+    start = time.perf_counter()
+    statistics = None if calibration is None else as_statistics(calibration)
+    solver = dict(seed=seed, tol=tol, max_iter=max_iter)
+    cp = _decompose_query_key(
+        mha, shared_key_dim, statistics, target_error, solver
+    )
+    value_cp = None
+    if shared_value_dim is not None or value_target_error is not None:
+        value_cp = _decompose_value_output(
+            mha, shared_value_dim, statistics, value_target_error, solver
+        )
+    layer_class = layer_class or collaborative_class_for(mha)
+    value_side = {}
+    if value_cp is not None:
+        value_side["value_output"] = _value_output_side(mha, value_cp)
+    layer = layer_class.from_multi_head_attention(
+        mha, query_key=_query_key_side(mha, cp), name=name, **value_side
+    )
+    return AttentionConversion(
+        layer=layer,
+        shared_key_dim=layer.shared_key_dim,
+        relative_error=float(cp.relative_error),
+        iterations=int(cp.iterations),
+        seconds=time.perf_counter() - start,
+        qk_params_before=query_key_parameters(mha),
+        qk_params_after=query_key_parameters(layer),
+        shared_value_dim=None if value_cp is None else layer.shared_value_dim,
+        value_relative_error=None
+        if value_cp is None
+        else float(value_cp.relative_error),
+        vo_params_before=value_output_parameters(mha),
+        vo_params_after=value_output_parameters(layer),
+    )
+
+
+def _check_convertible(mha):
     if not isinstance(mha, keras.layers.MultiHeadAttention):
         raise ValueError(
             "`mha` must be a keras.layers.MultiHeadAttention. Received: "
@@ -242,45 +340,57 @@ def convert_attention(
             f"Layer '{mha.name}' is already collaborative; convert the "
             "original multi-head attention instead."
         )
-    start = time.perf_counter()
-    cp = _decompose(
-        mha, shared_key_dim, calibration, target_error, seed, tol, max_iter
-    )
-    layer_class = layer_class or collaborative_class_for(mha)
-    layer = layer_class.from_multi_head_attention(
-        mha, query_key=_query_key_side(mha, cp), name=name
-    )
-    return AttentionConversion(
-        layer=layer,
-        shared_key_dim=layer.shared_key_dim,
-        relative_error=float(cp.relative_error),
-        iterations=int(cp.iterations),
-        seconds=time.perf_counter() - start,
-        qk_params_before=query_key_parameters(mha),
-        qk_params_after=query_key_parameters(layer),
+
+
+def _fit(query_kernels, key_kernels, rank_spec, target_error, weights, solver):
+    """CP factors at a given rank, or at the smallest that meets a target."""
+    if target_error is not None:
+        return decomposition.rank_for_target_error(
+            query_kernels, key_kernels, target_error, **weights, **solver
+        )
+    return decomposition.collaborative_cp(
+        query_kernels, key_kernels, rank_spec, **weights, **solver
     )
 
 
-def _decompose(
-    mha, shared_key_dim, calibration, target_error, seed, tol, max_iter
-):
+def _decompose_query_key(mha, shared_key_dim, statistics, target_error, solver):
     """The CP factors of `mha`'s per-head query/key products."""
     query_kernels, key_kernels = per_head_kernels(mha)
     weights = {}
-    if calibration is not None:
-        statistics = as_statistics(calibration)
+    if statistics is not None:
         weights = dict(
             query_weight=statistics.query_moment,
             key_weight=statistics.key_moment,
         )
-    solver = dict(seed=seed, tol=tol, max_iter=max_iter, **weights)
-    if target_error is not None:
-        return decomposition.rank_for_target_error(
-            query_kernels, key_kernels, target_error, **solver
+    rank = None
+    if target_error is None:
+        rank = resolve_shared_key_dim(shared_key_dim, mha)
+    return _fit(query_kernels, key_kernels, rank, target_error, weights, solver)
+
+
+def _decompose_value_output(
+    mha, shared_value_dim, statistics, target_error, solver
+):
+    """The CP factors of `mha`'s per-head value/output products, weighted
+    on the input side by the second moment of the value inputs (the
+    output side is the layer's output itself, unweighted)."""
+    value_kernels, output_kernels = per_head_value_output_kernels(mha)
+    weights = {}
+    if statistics is not None and statistics.value_moment is not None:
+        weights = dict(query_weight=statistics.value_moment)
+    rank = None
+    if target_error is None:
+        rank = resolve_shared_value_dim(shared_value_dim, mha)
+    full = rank == full_shared_value_dim(mha)
+    if getattr(mha, "_use_gate", False) and not full:
+        raise ValueError(
+            f"Layer '{mha.name}' has a gate, which acts on each head's "
+            "values before the output projection; below full size "
+            "(shared_value_dim < num_heads * value_dim) shared values "
+            "cannot carry it. Keep per-head values (shared_value_dim=None)."
         )
-    rank = resolve_shared_key_dim(shared_key_dim, mha)
-    return decomposition.collaborative_cp(
-        query_kernels, key_kernels, rank, **solver
+    return _fit(
+        value_kernels, output_kernels, rank, target_error, weights, solver
     )
 
 
@@ -311,4 +421,54 @@ def _query_key_side(mha, cp):
         mixing=cp.mixing,
         query_bias=query_bias,
         content_bias=content_bias,
+    )
+
+
+def _numpy(variable):
+    return np.asarray(keras.ops.convert_to_numpy(variable), "float64")
+
+
+def _value_output_side(mha, cp):
+    """The shared value/output weights from CP factors of `W_V^h W_O^h`.
+
+    At full size the factors are the concatenated heads and every bias and
+    gate is copied into that layout. Below it, each head's value bias adds
+    the constant `b_V^h W_O^h` to the output (attention rows sum to one),
+    so it folds exactly into the output bias.
+    """
+    rank = cp.query_kernel.shape[1]
+    full = rank == full_shared_value_dim(mha)
+    value_bias = output_bias = gate_kernel = gate_bias = None
+    if mha.output_dense.bias is not None:
+        output_bias = _numpy(mha.output_dense.bias)
+    if mha.value_dense.bias is not None:
+        bias = _numpy(mha.value_dense.bias)  # (H, d_v)
+        if full:
+            value_bias = np.reshape(bias, (-1,))
+        else:
+            output = _numpy(mha.output_dense.kernel)  # (H, d_v, D_out)
+            folded = np.einsum("hv,hvo->o", bias, output)
+            output_bias = (
+                folded if output_bias is None else output_bias + folded
+            )
+            value_bias = np.zeros(rank)
+    if getattr(mha, "_use_gate", False):
+        # Full size only (checked): head h's gate on its block of columns.
+        gate = _numpy(mha._gate_dense.kernel)  # (D_q, H, d_v)
+        gate_kernel = np.tile(
+            np.reshape(gate, (gate.shape[0], 1, -1)), (1, mha.num_heads, 1)
+        )
+        if mha._gate_dense.bias is not None:
+            gate_bias = np.tile(
+                np.reshape(_numpy(mha._gate_dense.bias), (1, -1)),
+                (mha.num_heads, 1),
+            )
+    return CollaborativeValueOutput(
+        value_kernel=cp.query_kernel,
+        value_mixing=cp.mixing,
+        output_kernel=cp.key_kernel.T,
+        value_bias=value_bias,
+        output_bias=output_bias,
+        gate_kernel=gate_kernel,
+        gate_bias=gate_bias,
     )

@@ -11,6 +11,7 @@ business (`keras_collab.hub.text`).
 import contextlib
 import dataclasses
 import inspect
+import typing
 
 import keras
 import numpy as np
@@ -28,11 +29,24 @@ class AttentionStatistics:
             sequence (a shift shared by every key of a sequence changes each
             query's logits by a constant, which softmax cancels).
         tokens: Number of (valid) query tokens the moments were estimated on.
+        value_moment: `(D_v, D_v)` second moment of value inputs, not
+            centred (a shared shift of the values moves the output), or
+            `None` when unknown.
     """
 
     query_moment: np.ndarray
     key_moment: np.ndarray
     tokens: int = 0
+    value_moment: np.ndarray = None
+
+
+class AttentionInputs(typing.NamedTuple):
+    """What one call of an attention layer received, as NumPy arrays."""
+
+    query: np.ndarray
+    key: np.ndarray
+    mask: np.ndarray  # boolean, or None
+    value: np.ndarray
 
 
 def as_batches(calibration_data):
@@ -65,6 +79,8 @@ def as_statistics(calibration):
         query_moment=second_moment(query),
         key_moment=second_moment(key, center_per_sequence=True),
         tokens=query.shape[0] * query.shape[1],
+        # Keras MHA's value defaults to the key input.
+        value_moment=second_moment(key),
     )
 
 
@@ -83,14 +99,14 @@ def record_attention_inputs(layers):
     """Records the inputs of attention layers while a model runs eagerly.
 
     Temporarily wraps each layer's `call` (restored on exit, whatever
-    happens) and appends, for each call, the query, the key input and the
-    attention mask as NumPy arrays.
+    happens) and appends, for each call, the query, key and value inputs
+    and the attention mask as NumPy arrays.
 
     Args:
         layers: `{key: attention layer}`.
 
     Yields:
-        `{key: list of (query, key, mask-or-None)}`, filled as the model runs.
+        `{key: list of AttentionInputs}`, filled as the model runs.
     """
     records = {key: [] for key in layers}
     patched = []
@@ -100,17 +116,22 @@ def record_attention_inputs(layers):
 
         def call(*args, **kwargs):
             arguments = signature.bind(*args, **kwargs).arguments
+            value_input = arguments["value"]
             key_input = arguments.get("key")
             if key_input is None:
-                key_input = arguments["value"]
+                key_input = value_input
             mask = arguments.get("attention_mask")
+            key_array = keras.ops.convert_to_numpy(key_input)
             records[key].append(
-                (
-                    keras.ops.convert_to_numpy(arguments["query"]),
-                    keras.ops.convert_to_numpy(key_input),
-                    None
+                AttentionInputs(
+                    query=keras.ops.convert_to_numpy(arguments["query"]),
+                    key=key_array,
+                    mask=None
                     if mask is None
                     else keras.ops.convert_to_numpy(mask).astype(bool),
+                    value=key_array
+                    if value_input is key_input
+                    else keras.ops.convert_to_numpy(value_input),
                 )
             )
             return original(*args, **kwargs)
@@ -146,10 +167,11 @@ def attention_statistics(records):
 
     The query side uses the plain second moment; the key side is centred per
     sequence, since a shift shared by every key of a sequence only adds a
-    per-query constant to the logits, which softmax cancels.
+    per-query constant to the logits, which softmax cancels. The value side
+    uses the plain second moment over real keys.
 
     Args:
-        records: `{key: list of (query, key, mask)}` from
+        records: `{key: list of AttentionInputs}` from
             `record_attention_inputs`.
 
     Returns:
@@ -159,14 +181,21 @@ def attention_statistics(records):
     for name, calls in records.items():
         if not calls:
             continue
-        query_sum = key_sum = 0.0
+        query_sum = key_sum = value_sum = 0.0
         query_tokens = key_tokens = 0
-        for query, key, mask in calls:
-            query_valid, key_valid = token_validity(query, key, mask)
+        for call in calls:
+            query_valid, key_valid = token_validity(
+                call.query, call.key, call.mask
+            )
             q_count, k_count = int(query_valid.sum()), int(key_valid.sum())
-            query_sum = query_sum + q_count * second_moment(query, query_valid)
+            query_sum = query_sum + q_count * second_moment(
+                call.query, query_valid
+            )
             key_sum = key_sum + k_count * second_moment(
-                key, key_valid, center_per_sequence=True
+                call.key, key_valid, center_per_sequence=True
+            )
+            value_sum = value_sum + k_count * second_moment(
+                call.value, key_valid
             )
             query_tokens += q_count
             key_tokens += k_count
@@ -174,5 +203,6 @@ def attention_statistics(records):
             query_moment=query_sum / max(query_tokens, 1),
             key_moment=key_sum / max(key_tokens, 1),
             tokens=query_tokens,
+            value_moment=value_sum / max(key_tokens, 1),
         )
     return statistics

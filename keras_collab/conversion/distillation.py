@@ -21,7 +21,7 @@ from keras_collab.conversion.outputs import mask_name
 from keras_collab.conversion.outputs import select_output
 from keras_collab.conversion.sites import find_attention_sites
 from keras_collab.conversion.training import InferenceModeModel
-from keras_collab.conversion.training import only_query_key_trainable
+from keras_collab.conversion.training import only_approximated_trainable
 
 
 def collaborative_layers(model):
@@ -109,16 +109,18 @@ def distill(
     progress=False,
     layers=None,
 ):
-    """Fine-tunes `student`'s collaborative query/key side toward `teacher`.
+    """Fine-tunes what `student`'s conversion approximated toward `teacher`.
 
     The loss is the mean squared error between the student's and the
     teacher's outputs (`keras_collab.conversion.outputs`: `sequence_output`
     of a KerasHub backbone, `decoder_sequence_output` of an encoder-decoder,
     the single output of other models), over real tokens only when the
     batches carry the output's padding mask. Only the weights the
-    conversion approximated are trained (the layers'
-    `query_key_variables`); values, output projections, feed-forward
-    blocks, norms and embeddings stay as copied. The teacher's outputs are
+    conversion approximated are trained
+    (`keras_collab.conversion.training.approximated_variables`: the query/key
+    side, and the value/output side of layers with shared values);
+    per-head values, output projections, feed-forward blocks, norms and
+    embeddings stay as copied. The teacher's outputs are
     computed once, beforehand; Adam runs `steps` steps of `Model.fit` over
     shuffled passes of the batches.
 
@@ -172,7 +174,7 @@ def distill(
             "`padding_mask`."
         )
     keras.utils.set_random_seed(seed)
-    with only_query_key_trainable(student, layers) as trainable:
+    with only_approximated_trainable(student, layers) as trainable:
         before = _mean_squared_error(student, items)
         wrapper = InferenceModeModel(
             student,

@@ -65,23 +65,26 @@ def find_sites(model):
     return sites_lib.find_attention_sites(model, is_convertible)
 
 
-def _shared_key_dim_for(shared_key_dim, path):
-    if isinstance(shared_key_dim, dict):
-        if path not in shared_key_dim:
+def _for_site(spec, path, name):
+    """A per-site value of `spec`, which may map site paths to values."""
+    if isinstance(spec, dict):
+        if path not in spec:
             raise ValueError(
-                f"`shared_key_dim` has no entry for attention layer '{path}'. "
-                f"Received keys: {sorted(shared_key_dim)}"
+                f"`{name}` has no entry for attention layer '{path}'. "
+                f"Received keys: {sorted(spec)}"
             )
-        return shared_key_dim[path]
-    return shared_key_dim
+        return spec[path]
+    return spec
 
 
 def convert_sites(
     sites,
     shared_key_dim=None,
     *,
+    shared_value_dim=None,
     statistics=None,
     target_error=None,
+    value_target_error=None,
     seed=0,
     tol=1e-6,
     max_iter=300,
@@ -91,9 +94,10 @@ def convert_sites(
 
     Args:
         sites: `AttentionSite`s, from `find_sites`.
-        shared_key_dim: As in `convert_model`.
+        shared_key_dim, shared_value_dim: As in `convert_model`.
         statistics: Optional `{site path: AttentionStatistics}`.
-        target_error, seed, tol, max_iter: As in `convert_model`.
+        target_error, value_target_error, seed, tol, max_iter: As in
+            `convert_model`.
         progress: Whether to show a progress bar over layers.
 
     Returns:
@@ -104,9 +108,13 @@ def convert_sites(
     for site in progress_bar(sites, "Converting attention", progress):
         conversions[site.path] = convert_attention(
             site.layer,
-            _shared_key_dim_for(shared_key_dim, site.path),
+            _for_site(shared_key_dim, site.path, "shared_key_dim"),
+            shared_value_dim=_for_site(
+                shared_value_dim, site.path, "shared_value_dim"
+            ),
             calibration=statistics.get(site.path),
             target_error=target_error,
+            value_target_error=value_target_error,
             seed=seed,
             tol=tol,
             max_iter=max_iter,
@@ -161,8 +169,10 @@ def convert_model(
     model,
     shared_key_dim=None,
     *,
+    shared_value_dim=None,
     calibration_data=None,
     target_error=None,
+    value_target_error=None,
     refine_steps=0,
     refine_learning_rate=1e-3,
     refine_objective="attention",
@@ -181,11 +191,16 @@ def convert_model(
         shared_key_dim: D̃ for every layer: `None` (full size, exact), an
             integer, a fraction of `num_heads * key_dim`, or a mapping from
             site path (see `find_sites`) to one of those.
+        shared_value_dim: D̃_v of shared values for every layer: `None`
+            keeps per-head values (exact copies); an integer, a fraction of
+            `num_heads * value_dim`, or a mapping like `shared_key_dim`
+            decomposes the value/output side too.
         calibration_data: Optional batch, or list of batches, that `model`
             accepts. With it the decomposition is activation-aware: it
             minimises the error of each layer's logits on this data.
         target_error: Optional: pick per layer the smallest D̃ whose relative
             (activation-weighted) error is at most this.
+        value_target_error: The same for D̃_v (shared values).
         refine_steps: Gradient steps per layer that fit the converted
             layer's attention to the original's on calibration inputs, layer
             after layer (needs `calibration_data`).
@@ -234,8 +249,10 @@ def convert_model(
     conversions = convert_sites(
         sites,
         shared_key_dim,
+        shared_value_dim=shared_value_dim,
         statistics=statistics,
         target_error=target_error,
+        value_target_error=value_target_error,
         seed=seed,
         tol=tol,
         max_iter=max_iter,

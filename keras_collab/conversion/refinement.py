@@ -20,14 +20,15 @@ from keras_collab.conversion.calibration import record_attention_inputs
 from keras_collab.conversion.progress import progress_bar
 from keras_collab.conversion.sites import get_site
 from keras_collab.conversion.training import InferenceModeModel
-from keras_collab.conversion.training import only_query_key_trainable
+from keras_collab.conversion.training import only_approximated_trainable
 from keras_collab.layers.collaborative_multi_head_attention import (
     mha_input_shapes,
 )
 
 
 def _recorded_inputs(model, layer, batches):
-    """Query, key and mask arrays the layer sees, padded to one length.
+    """Query, key, mask and value arrays the layer sees, padded to one
+    length.
 
     Padded positions are masked out, so they carry no signal: a padded
     query row is fully masked and has the same (uniform) attention in the
@@ -37,35 +38,41 @@ def _recorded_inputs(model, layer, batches):
         for batch in batches:
             model(batch, training=False)
     calls = records["layer"]
-    queries = max(q.shape[1] for q, _, _ in calls)
-    keys = max(k.shape[1] for _, k, _ in calls)
+    queries = max(call.query.shape[1] for call in calls)
+    keys = max(call.key.shape[1] for call in calls)
 
     def pad(x, length):
         return np.pad(x, [(0, 0), (0, length - x.shape[1]), (0, 0)])
 
     masks = []
-    for q, k, m in calls:
+    for call in calls:
+        q, k = call.query, call.key
         full = np.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
-        m = full if m is None else np.broadcast_to(m, full.shape)
+        m = (
+            full
+            if call.mask is None
+            else np.broadcast_to(call.mask, full.shape)
+        )
         masks.append(
             np.pad(
                 m, [(0, 0), (0, queries - q.shape[1]), (0, keys - k.shape[1])]
             )
         )
     return (
-        np.concatenate([pad(q, queries) for q, _, _ in calls]),
-        np.concatenate([pad(k, keys) for _, k, _ in calls]),
+        np.concatenate([pad(call.query, queries) for call in calls]),
+        np.concatenate([pad(call.key, keys) for call in calls]),
         np.concatenate(masks),
+        np.concatenate([pad(call.value, keys) for call in calls]),
     )
 
 
 OBJECTIVES = ("attention", "output")
 
 
-def _attend(layer, query, key, mask, objective):
+def _attend(layer, query, key, mask, value, objective):
     output, scores = layer(
         query,
-        key,
+        value,
         key=key,
         attention_mask=mask,
         return_attention_scores=True,
@@ -74,14 +81,12 @@ def _attend(layer, query, key, mask, objective):
     return scores if objective == "attention" else output
 
 
-def _teacher_targets(layer, query, key, mask, objective, batch_size):
+def _teacher_targets(layer, inputs, objective, batch_size):
     chunks = []
-    for start in range(0, len(query), batch_size):
-        part = slice(start, start + batch_size)
+    for start in range(0, len(inputs[0]), batch_size):
+        part = [x[start : start + batch_size] for x in inputs]
         chunks.append(
-            keras.ops.convert_to_numpy(
-                _attend(layer, query[part], key[part], mask[part], objective)
-            )
+            keras.ops.convert_to_numpy(_attend(layer, *part, objective))
         )
     return np.concatenate(chunks)
 
@@ -97,12 +102,17 @@ def refine_layer(
     learning_rate,
     objective="attention",
     batch_size=16,
+    value=None,
 ):
-    """Fits `student`'s query/key side to `teacher` in place.
+    """Fits `student`'s approximated weights to `teacher` in place.
+
+    With the `"attention"` objective, the query/key side trains; with
+    `"output"`, the value/output side too when the layer shares values
+    (`shared_value_dim`), since the conversion approximated it as well.
 
     Args:
         teacher: The original attention layer.
-        student: The converted layer; its query/key side is trained.
+        student: The converted layer.
         query, key, mask: Inputs the layer sees, `(N, T, D)`, `(N, S, D)`,
             `(N, T, S)`.
         steps: About how many optimizer steps.
@@ -112,6 +122,7 @@ def refine_layer(
             the layer outputs over real query tokens, which ignores
             probability errors between keys carrying similar values.
         batch_size: Sequences per step.
+        value: Value inputs `(N, S, D_v)`; by default `key`.
 
     Returns:
         `{"loss_before", "loss_after"}` on these inputs.
@@ -120,7 +131,8 @@ def refine_layer(
         raise ValueError(
             f"`objective` must be one of {OBJECTIVES}. Received: {objective}"
         )
-    target = _teacher_targets(teacher, query, key, mask, objective, batch_size)
+    inputs = [query, key, mask, key if value is None else value]
+    target = _teacher_targets(teacher, inputs, objective, batch_size)
     # Train a twin, then copy its weights back: the JAX trainer donates the
     # buffers of the variables it trains, which the model around `student`
     # still uses.
@@ -138,7 +150,6 @@ def refine_layer(
         # Padded query rows (no key to attend to) carry no signal.
         loss, weights = keras.losses.MeanSquaredError(), mask.any(axis=-1)
         weights = weights.astype("float32")
-    inputs = [query, key, mask]
 
     def evaluate():
         return float(
@@ -151,7 +162,8 @@ def refine_layer(
             )
         )
 
-    with only_query_key_trainable(model, [twin]):
+    value_side = objective == "output"
+    with only_approximated_trainable(model, [twin], value_side=value_side):
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
         before = evaluate()
         batches_per_epoch = math.ceil(len(query) / batch_size)
@@ -203,13 +215,14 @@ def refine_layers(
     for path in progress_bar(paths, "Refining attention", progress):
         teacher = get_site(original, path).layer
         student = get_site(converted, path).layer
-        query, key, mask = _recorded_inputs(converted, student, batches)
+        query, key, mask, value = _recorded_inputs(converted, student, batches)
         results[path] = refine_layer(
             teacher,
             student,
             query,
             key,
             mask,
+            value=value,
             steps=steps,
             learning_rate=learning_rate,
             objective=objective,

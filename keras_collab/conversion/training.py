@@ -1,5 +1,6 @@
 """What refinement and distillation share: a model that trains in inference
-mode, and a context in which only the query/key side is trainable."""
+mode, and a context in which only the weights a conversion approximated are
+trainable."""
 
 import contextlib
 
@@ -47,9 +48,20 @@ class InferenceModeModel(keras.Model):
             variable.value.grad = None
 
 
+def approximated_variables(layer, value_side=True):
+    """The variables of a collaborative layer that a conversion
+    approximated: its `query_key_variables`, and with shared values
+    (`value_side` and `shared_value_dim` set) its `value_output_variables`.
+    Per-head values and the output projection are exact copies."""
+    variables = list(layer.query_key_variables)
+    if value_side and getattr(layer, "shared_value_dim", None):
+        variables += layer.value_output_variables
+    return variables
+
+
 @contextlib.contextmanager
-def only_query_key_trainable(model, layers):
-    """Inside the context, only the `query_key_variables` of `layers`
+def only_approximated_trainable(model, layers, value_side=True):
+    """Inside the context, only the `approximated_variables` of `layers`
     (collaborative layers inside `model`) are trainable; every layer's
     `trainable` flag is restored on exit, whatever happens.
 
@@ -75,14 +87,20 @@ def only_query_key_trainable(model, layers):
                 sublayer.trainable = False
             layer.query_dense.trainable = True
             layer.key_dense.trainable = True
-            for variable in layer.query_key_variables:
+            approximated = approximated_variables(layer, value_side)
+            if len(approximated) > len(layer.query_key_variables):
+                layer.value_dense.trainable = True
+                layer.output_dense.trainable = True
+                if getattr(layer, "_gate_dense", None) is not None:
+                    layer._gate_dense.trainable = True
+            for variable in approximated:
                 expected[id(variable)] = variable
         trainable = model.trainable_weights
         unexpected = [v.path for v in trainable if id(v) not in expected]
         if unexpected:
             raise RuntimeError(
-                "Could not freeze everything but the collaborative query/key "
-                f"weights; still trainable: {unexpected}"
+                "Could not freeze everything but the approximated "
+                f"collaborative weights; still trainable: {unexpected}"
             )
         yield trainable
     finally:
