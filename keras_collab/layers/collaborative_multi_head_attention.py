@@ -321,34 +321,18 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     def build(self, query_shape, value_shape, key_shape=None):
         key_shape = value_shape if key_shape is None else key_shape
         self._check_input_shapes(query_shape, value_shape, key_shape)
-        query_rank = len(query_shape)
-        common_kwargs = self._get_common_kwargs_for_sublayer()
+        self._build_shared_projections(query_shape, key_shape)
+        self._build_value_side(query_shape, value_shape)
+        self.built = True
 
-        # The shared projections map the feature axis to D̃: (..., D) -> (...,
-        # D̃), i.e. kernels of shape (D, D̃), one "head" for all heads.
-        equation, bias_axes, _ = projection_equation(
-            query_rank - 1, output_dims=1
+    def _build_shared_projections(self, query_shape, key_shape):
+        """The query/key side: shared query and key projections, mixing
+        and content bias."""
+        self._query_dense = self._shared_dense(
+            "query", query_shape, self._use_bias
         )
-        shared_output_shape = projection_output_shape(
-            query_rank - 1, [self._shared_key_dim]
-        )
-        self._query_dense = keras.layers.EinsumDense(
-            equation,
-            output_shape=shared_output_shape,
-            bias_axes=bias_axes if self._use_bias else None,
-            name="query",
-            **common_kwargs,
-        )
-        self._query_dense.build(query_shape)
-        common_kwargs = self._get_common_kwargs_for_sublayer()
-        self._key_dense = keras.layers.EinsumDense(
-            equation,
-            output_shape=shared_output_shape,
-            bias_axes=None,
-            name="key",
-            **common_kwargs,
-        )
-        self._key_dense.build(key_shape)
+        # No key bias: softmax cancels it.
+        self._key_dense = self._shared_dense("key", key_shape, False)
         self._mixing = self.add_weight(
             name="mixing",
             shape=(self._num_heads, self._shared_key_dim),
@@ -366,45 +350,61 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 constraint=self._bias_constraint,
             )
 
-        # Gate, values and output: exactly as in Keras MHA.
-        equation, bias_axes, output_rank = projection_equation(
-            query_rank - 1, output_dims=2
-        )
-        if self._use_gate:
-            self._gate_dense = keras.layers.EinsumDense(
-                equation,
-                output_shape=projection_output_shape(
-                    output_rank - 1, [self._num_heads, self._value_dim]
-                ),
-                bias_axes=bias_axes if self._use_bias else None,
-                activation="sigmoid",
-                name="gate",
-                **self._get_common_kwargs_for_sublayer(),
-            )
-            self._gate_dense.build(query_shape)
-        self._value_dense = keras.layers.EinsumDense(
+    def _shared_dense(self, name, input_shape, use_bias):
+        """A built projection of the feature axis onto D̃: `(..., D) ->
+        (..., D̃)`, a kernel `(D, D̃)`, one "head" for all heads."""
+        free_dims = len(input_shape) - 1
+        equation, bias_axes, _ = projection_equation(free_dims, output_dims=1)
+        dense = keras.layers.EinsumDense(
             equation,
             output_shape=projection_output_shape(
-                output_rank - 1, [self._num_heads, self._value_dim]
+                free_dims, [self._shared_key_dim]
             ),
-            bias_axes=bias_axes if self._use_bias else None,
-            name="value",
+            bias_axes=bias_axes if use_bias else None,
+            name=name,
             **self._get_common_kwargs_for_sublayer(),
         )
-        self._value_dense.build(value_shape)
+        dense.build(input_shape)
+        return dense
+
+    def _build_value_side(self, query_shape, value_shape):
+        """Gate, values and output projection, exactly as in Keras MHA, and
+        the attention's softmax and dropout."""
+        if self._use_gate:
+            self._gate_dense = self._head_dense(
+                "gate", query_shape, activation="sigmoid"
+            )
+        self._value_dense = self._head_dense("value", value_shape)
         # Creates `_softmax`, `_dropout_layer` and normalises attention axes.
-        self._build_attention(output_rank)
+        self._build_attention(len(query_shape) + 1)
         self._output_dense = self._make_output_dense(
             query_shape,
             self._get_common_kwargs_for_sublayer(),
             "attention_output",
         )
-        output_dense_input_shape = list(query_shape[:-1]) + [
-            self._num_heads,
-            self._value_dim,
-        ]
-        self._output_dense.build(tuple(output_dense_input_shape))
-        self.built = True
+        self._output_dense.build(
+            tuple(query_shape[:-1]) + (self._num_heads, self._value_dim)
+        )
+
+    def _head_dense(self, name, input_shape, activation=None):
+        """A built per-head projection, as Keras MHA's value projection:
+        `(..., D) -> (..., H, value_dim)`."""
+        free_dims = len(input_shape) - 1
+        equation, bias_axes, output_rank = projection_equation(
+            free_dims, output_dims=2
+        )
+        dense = keras.layers.EinsumDense(
+            equation,
+            output_shape=projection_output_shape(
+                output_rank - 1, [self._num_heads, self._value_dim]
+            ),
+            bias_axes=bias_axes if self._use_bias else None,
+            activation=activation,
+            name=name,
+            **self._get_common_kwargs_for_sublayer(),
+        )
+        dense.build(input_shape)
+        return dense
 
     def _check_input_shapes(self, query_shape, value_shape, key_shape):
         if len(query_shape) < 3:
@@ -559,77 +559,100 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             key = value
         self._check_input_shapes(query.shape, value.shape, key.shape)
         self._check_query_value_positions(query.shape, value.shape)
-        # As in Keras MHA, the query's mask is its Keras mask (the
-        # `query_mask` argument is not read), and the masks are consumed here
-        # rather than propagated.
-        query_mask = get_keras_mask(query)
-        set_keras_mask(query, None)
-        set_keras_mask(value, None)
-        set_keras_mask(key, None)
         masks = {
-            "query_mask": query_mask,
+            "query_mask": _take_keras_masks(query, value, key),
             "value_mask": value_mask,
             "key_mask": key_mask,
             "attention_mask": attention_mask,
             "use_causal_mask": use_causal_mask,
         }
+        attend = (
+            self._attend
+            if self._has_standard_layout(query)
+            else self._attend_over_axes
+        )
+        context, attention_scores = attend(
+            query,
+            value,
+            key,
+            masks,
+            training=training,
+            return_attention_scores=return_attention_scores,
+        )
+        attention_output = self._combine_heads(context, query)
+        if masks["query_mask"] is not None:
+            set_keras_mask(attention_output, masks["query_mask"])
+        if return_attention_scores:
+            return attention_output, attention_scores
+        return attention_output
 
-        standard_layout = self._has_standard_layout(query)
-        # As in Keras MHA, a causal mask that is the only mask runs as the
-        # backends' causal kernel rather than as a materialised mask, unless
-        # a subclass overrides `_compute_attention`: it gets the mask.
-        causal_only = (
-            use_causal_mask
-            and query_mask is None
-            and value_mask is None
-            and key_mask is None
-            and attention_mask is None
+    def _project(self, query, value, key):
+        """`(shared query, shared key, projected values, content logits or
+        None)` of the layer's inputs."""
+        return (
+            self._query_dense(query),
+            self._key_dense(key),
+            self._value_dense(value),
+            self._content_logits(key),
+        )
+
+    def _combine_heads(self, context, query):
+        """The attention output from the `(..., H, value_dim)` context:
+        gated by the query (with `use_gate`), then projected."""
+        if self._use_gate:
+            context = ops.multiply(context, self._gate_dense(query))
+        return self._output_dense(context)
+
+    def _is_causal_only(self, masks):
+        """Whether the causal mask is the only mask, so that it can run as
+        the backends' causal kernel rather than as a materialised mask (as
+        in Keras MHA). Never for a subclass that overrides
+        `_compute_attention`: it receives the mask."""
+        return (
+            masks["use_causal_mask"]
+            and all(
+                masks[name] is None
+                for name in ("query_mask", "value_mask", "key_mask")
+            )
+            and masks["attention_mask"] is None
             and self._sliding_window is None
             and type(self)._compute_attention
             is CollaborativeMultiHeadAttention._compute_attention
         )
-        if standard_layout and not causal_only:
-            attention_mask = self._attention_mask(query, value, **masks)
 
-        gate = self._gate_dense(query) if self._use_gate else None
-        shared_query = self._query_dense(query)
-        shared_key = self._key_dense(key)
-        projected_value = self._value_dense(value)
-        content_logits = self._content_logits(key)
-
-        if standard_layout:
-            # Only the layer's own implementation is told to add the causal
-            # mask; an override always gets it in `attention_mask`.
-            causal = {"use_causal_mask": True} if causal_only else {}
-            attention_output, attention_scores = self._compute_attention(
-                shared_query,
-                shared_key,
-                projected_value,
-                None if causal_only else _rank4_mask(attention_mask),
-                training,
-                return_attention_scores,
-                content_logits=content_logits,
-                **causal,
+    def _attend(
+        self,
+        query,
+        value,
+        key,
+        masks,
+        training=None,
+        return_attention_scores=False,
+    ):
+        """Attention over `(B, T, dim)` inputs: `(B, T, H, value_dim)`
+        context and `(B, H, T, S)` scores (or `None`)."""
+        causal_only = self._is_causal_only(masks)
+        attention_mask = None
+        if not causal_only:
+            attention_mask = _rank4_mask(
+                self._attention_mask(query, value, **masks)
             )
-        else:
-            attention_output, attention_scores = self._attend_over_axes(
-                shared_query,
-                shared_key,
-                projected_value,
-                content_logits,
-                training=training,
-                return_attention_scores=return_attention_scores,
-                **masks,
-            )
-
-        if gate is not None:
-            attention_output = ops.multiply(attention_output, gate)
-        attention_output = self._output_dense(attention_output)
-        if query_mask is not None:
-            set_keras_mask(attention_output, query_mask)
-        if return_attention_scores:
-            return attention_output, attention_scores
-        return attention_output
+        shared_query, shared_key, projected_value, content_logits = (
+            self._project(query, value, key)
+        )
+        # Only the layer's own implementation is told to add the causal
+        # mask; an override always gets it in `attention_mask`.
+        causal = {"use_causal_mask": True} if causal_only else {}
+        return self._compute_attention(
+            shared_query,
+            shared_key,
+            projected_value,
+            attention_mask,
+            training,
+            return_attention_scores,
+            content_logits=content_logits,
+            **causal,
+        )
 
     def _content_logits(self, key):
         """`Y C`: `(..., S, D_key_in) @ (D_key_in, H) -> (..., S, H)`, or
@@ -721,28 +744,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             scores of the flattened attention, `B'` running over the batch
             and the other axes.
         """
-        rank = len(query.shape)
-        others, axes = self._layout(rank)
-        if len(axes) > 1:
-            asked = [
-                name
-                for name, on in (
-                    ("use_causal_mask=True", use_causal_mask),
-                    (
-                        f"sliding_window={self._sliding_window}",
-                        self._sliding_window is not None,
-                    ),
-                )
-                if on
-            ]
-            if asked:
-                raise ValueError(
-                    f"{' and '.join(asked)} with attention_axes={axes} is "
-                    "not supported: causal and sliding-window masks order the "
-                    "positions of a single attention axis (Keras MHA builds "
-                    "them from axis 1 alone). Pass an explicit "
-                    "`attention_mask` over the scores instead."
-                )
+        others, axes = self._layout(len(query.shape))
+        self._check_ordered_masks(axes, use_causal_mask)
         if flat_query is None:
             flat_query, flat_value = query, value
         scores_shape = self._scores_shape(query.shape, value.shape)
@@ -773,6 +776,30 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         for other in masks[1:]:
             mask = ops.logical_and(mask, other)
         return mask
+
+    def _check_ordered_masks(self, axes, use_causal_mask):
+        """Causal and sliding-window masks need a single attention axis."""
+        if len(axes) < 2:
+            return
+        asked = [
+            name
+            for name, on in (
+                ("use_causal_mask=True", use_causal_mask),
+                (
+                    f"sliding_window={self._sliding_window}",
+                    self._sliding_window is not None,
+                ),
+            )
+            if on
+        ]
+        if asked:
+            raise ValueError(
+                f"{' and '.join(asked)} with attention_axes={axes} is "
+                "not supported: causal and sliding-window masks order the "
+                "positions of a single attention axis (Keras MHA builds "
+                "them from axis 1 alone). Pass an explicit "
+                "`attention_mask` over the scores instead."
+            )
 
     def _flat_explicit_mask(self, attention_mask, query, value):
         """`attention_mask` laid out over the scores as Keras MHA lays it,
@@ -881,36 +908,56 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             are all masked gets zero probabilities with dropout or
             returned scores, uniform ones otherwise, as in Keras MHA.
         """
-        shared_query, shared_key = query, key
+        self._check_flash_attention_scores(return_attention_scores)
+        zero_masked_rows = self._dropout > 0.0 or return_attention_scores
+        mask = _rank4_mask(attention_mask)
+        if use_causal_mask and mask is not None:
+            # Never drop either mask: the causal one joins the other.
+            mask = ops.logical_and(mask, self._causal_mask(query, value))
+            use_causal_mask = False
+        if self._use_fused_kernel(return_attention_scores, query):
+            context = self._fused_attention(
+                query, key, value, content_logits, mask, use_causal_mask
+            )
+        else:
+            self._check_flash_attention_available()
+            if use_causal_mask:
+                mask = self._causal_mask(query, value)
+            if not self._use_blocked_torch_kernel(
+                query, training, return_attention_scores
+            ):
+                return self._einsum_attention(
+                    query,
+                    key,
+                    value,
+                    content_logits,
+                    mask,
+                    training,
+                    return_attention_scores,
+                    zero_masked_rows,
+                )
+            context = self._blocked_torch_attention(
+                query, key, value, content_logits, mask
+            )
+        if zero_masked_rows:
+            context = _zero_fully_masked_rows(context, mask)
+        return context, None
+
+    def _causal_mask(self, query, value):
+        """Keras MHA's causal mask for these positions, of rank 4."""
+        return _rank4_mask(self._compute_causal_mask(query, value))
+
+    def _check_flash_attention_scores(self, return_attention_scores):
         if self._flash_attention and return_attention_scores:
             raise ValueError(
                 "Returning attention scores is not supported when flash "
                 "attention is enabled. Please disable flash attention to "
                 "access attention scores."
             )
-        zero_masked_rows = self._dropout > 0.0 or return_attention_scores
-        mask = _rank4_mask(attention_mask)
-        if use_causal_mask and mask is not None:
-            # Never drop either mask: the causal one joins the other.
-            causal = self._compute_causal_mask(shared_query, value)
-            mask = ops.logical_and(mask, _rank4_mask(causal))
-            use_causal_mask = False
-        scale = self._inverse_sqrt_key_dim
-        mixing = ops.cast(self._mixing, shared_query.dtype)
-        if self._use_fused_kernel(return_attention_scores, shared_query):
-            context = self._fused_attention(
-                shared_query,
-                shared_key,
-                value,
-                content_logits,
-                mask,
-                mixing,
-                scale,
-                use_causal_mask,
-            )
-            if zero_masked_rows:
-                context = _zero_fully_masked_rows(context, mask)
-            return context, None
+
+    def _check_flash_attention_available(self):
+        """`flash_attention=True` where no fused kernel takes these shapes
+        raises."""
         if self._flash_attention:
             raise ValueError(
                 "`flash_attention=True` needs a fused attention kernel, and "
@@ -918,32 +965,30 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 f"key of size {self._shared_key_dim} with values of size "
                 f"{self._value_dim}. Use `flash_attention=None`."
             )
-        if use_causal_mask:
-            mask = _rank4_mask(self._compute_causal_mask(shared_query, value))
-        if self._use_blocked_torch_kernel(
-            shared_query, training, return_attention_scores
-        ):
-            context = self._blocked_torch_attention(
-                shared_query,
-                shared_key,
-                value,
-                content_logits,
-                mask,
-                mixing,
-                scale,
-            )
-            if zero_masked_rows:
-                context = _zero_fully_masked_rows(context, mask)
-            return context, None
 
+    def _einsum_attention(
+        self,
+        query,
+        key,
+        value,
+        content_logits,
+        mask,
+        training,
+        return_attention_scores,
+        zero_masked_rows,
+    ):
+        """Attention in `keras.ops` einsums, with a float32 softmax: the
+        path every other one is tested against."""
+        scale = self._inverse_sqrt_key_dim
+        mixing = ops.cast(self._mixing, query.dtype)
         # Per-head queries (B, H, T, D̃), scaled first as in Keras MHA; the
         # shared key is never copied per head.
         head_queries = ops.einsum(
             "btd,hd->bhtd",
-            ops.multiply(shared_query, ops.cast(scale, shared_query.dtype)),
+            ops.multiply(query, ops.cast(scale, query.dtype)),
             mixing,
         )
-        logits = ops.einsum("bhtd,bsd->bhts", head_queries, shared_key)
+        logits = ops.einsum("bhtd,bsd->bhts", head_queries, key)
         if content_logits is not None:
             logits = logits + _scaled_content_logits(content_logits, scale)
         # Returned scores show the zero rows; otherwise zeroing the context
@@ -979,21 +1024,15 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         return torch_blocked_attention.is_supported(tensor)
 
     def _blocked_torch_attention(
-        self,
-        shared_query,
-        shared_key,
-        value,
-        content_logits,
-        attention_mask,
-        mixing,
-        scale,
+        self, query, key, value, content_logits, attention_mask
     ):
         from keras_collab.kernels import torch_blocked_attention
 
+        scale = self._inverse_sqrt_key_dim
         return torch_blocked_attention.blocked_collaborative_attention(
-            ops.multiply(shared_query, ops.cast(scale, shared_query.dtype)),
-            shared_key,
-            mixing,
+            ops.multiply(query, ops.cast(scale, query.dtype)),
+            key,
+            ops.cast(self._mixing, query.dtype),
             value,
             bias=_scaled_content_logits(content_logits, scale),
             mask=_rank4_mask(attention_mask),
@@ -1023,17 +1062,20 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def _fused_attention(
         self,
-        shared_query,
-        shared_key,
+        query,
+        key,
         value,
         content_logits,
         attention_mask,
-        mixing,
-        scale,
         use_causal_mask,
     ):
-        head_queries = ops.einsum("btd,hd->bthd", shared_query, mixing)
-        key = ops.expand_dims(shared_key, 2)  # one key "head" for all heads
+        """Attention in the backend's `ops.dot_product_attention`, the
+        shared key one key "head" for all heads."""
+        scale = self._inverse_sqrt_key_dim
+        mixing = ops.cast(self._mixing, query.dtype)
+        head_queries = ops.einsum("btd,hd->bthd", query, mixing)
+        shared_key = key
+        key = ops.expand_dims(shared_key, 2)
         if keras.backend.backend() != "torch":
             # JAX groups heads only when keys and values have the same head
             # count; XLA fuses this broadcast into the dot product.
@@ -1047,8 +1089,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         if bias is not None:
             # Backends take a bias or a mask, not both: fold the mask in.
             if use_causal_mask:
-                causal = self._compute_causal_mask(shared_query, value)
-                causal = _rank4_mask(causal)
+                causal = self._causal_mask(query, value)
                 mask = causal if mask is None else mask & causal
                 use_causal_mask = False
             if mask is not None:
@@ -1068,62 +1109,39 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def _attend_over_axes(
         self,
-        shared_query,
-        shared_key,
+        query,
         value,
-        content_logits,
-        query_mask=None,
-        value_mask=None,
-        key_mask=None,
-        attention_mask=None,
-        use_causal_mask=False,
+        key,
+        masks,
         training=None,
         return_attention_scores=False,
     ):
         """Attention over arbitrary `attention_axes`.
 
-        Moves the non-attention axes into the batch and flattens the attention
-        axes into one sequence axis, builds the mask over those flattened
-        positions, attends, and restores the layout. As in Keras MHA (whose
-        masked softmax runs for these inputs), a query whose keys are all
-        masked gets zero probabilities.
+        Moves the non-attention axes into the batch and flattens the
+        attention axes into one sequence axis, builds the mask over those
+        flattened positions, attends (`_compute_attention`), and restores
+        the layout. As in Keras MHA (whose masked softmax runs for these
+        inputs), a query whose keys are all masked gets zero probabilities.
+
+        Returns:
+            `(B, <positions>, H, value_dim)` context and the scores `(B,
+            <other axes>, H, <query attention axes>, <key attention
+            axes>)` (or `None`).
         """
-        rank = len(shared_query.shape)
-        others, axes = self._layout(rank)
-        order = (0,) + others + axes + (rank - 1,)
-        query_shape = ops.shape(shared_query)
-        value_shape = ops.shape(shared_key)
-        outer = [query_shape[0]] + [query_shape[a] for a in others]
-        query_positions = [query_shape[a] for a in axes]
-        key_positions = [value_shape[a] for a in axes]
-
-        def flatten(x, positions):
-            x = ops.transpose(x, order + tuple(range(rank, len(x.shape))))
-            return ops.reshape(
-                x, (-1, int(np.prod(positions))) + tuple(x.shape[rank - 1 :])
-            )
-
-        flat_query = flatten(shared_query, query_positions)
-        flat_key = flatten(shared_key, key_positions)
-        # Values carry a head axis after the features were projected.
-        value_order = order[:-1] + (rank - 1, rank)
-        flat_value = ops.reshape(
-            ops.transpose(value, value_order),
-            (-1, int(np.prod(key_positions)), self._num_heads, self._value_dim),
+        projected = self._project(query, value, key)
+        shared_query, shared_key = projected[:2]
+        folding = self._folding(shared_query, shared_key)
+        flat_query, flat_key, flat_value, flat_content = (
+            None if tensor is None else folding.fold(tensor, role)
+            for tensor, role in zip(projected, ("query", "key", "key", "key"))
         )
-        flat_content = None
-        if content_logits is not None:
-            flat_content = flatten(content_logits, key_positions)
         flat_mask = self._attention_mask(
             shared_query,
             shared_key,
-            query_mask=query_mask,
-            value_mask=value_mask,
-            key_mask=key_mask,
-            attention_mask=attention_mask,
-            use_causal_mask=use_causal_mask,
             flat_query=flat_query,
             flat_value=flat_value,
+            **masks,
         )
         flat_mask = _rank4_mask(flat_mask)
         context, scores = self._compute_attention(
@@ -1138,23 +1156,20 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         # Keras MHA's masked softmax runs for these inputs: a query whose
         # keys are all masked gets no weight.
         context = _zero_fully_masked_rows(context, flat_mask)
-        permuted_shape = (
-            tuple(outer)
-            + tuple(query_positions)
-            + (self._num_heads, self._value_dim)
+        return folding.unfold_context(context), folding.unfold_scores(scores)
+
+    def _folding(self, shared_query, shared_key):
+        """The `_AxesFolding` of inputs with these positions."""
+        rank = len(shared_query.shape)
+        others, axes = self._layout(rank)
+        query_shape = ops.shape(shared_query)
+        key_shape = ops.shape(shared_key)
+        return _AxesFolding(
+            order=(0,) + others + axes + (rank - 1,),
+            outer=tuple([query_shape[0]] + [query_shape[a] for a in others]),
+            queries=tuple(query_shape[a] for a in axes),
+            keys=tuple(key_shape[a] for a in axes),
         )
-        context = ops.reshape(context, permuted_shape)
-        inverse = tuple(np.argsort(order[:-1])) + (rank - 1, rank)
-        context = ops.transpose(context, inverse)
-        if scores is not None:
-            scores = ops.reshape(
-                scores,
-                tuple(outer)
-                + (self._num_heads,)
-                + tuple(query_positions)
-                + tuple(key_positions),
-            )
-        return context, scores
 
     def compute_output_spec(
         self,
@@ -1191,6 +1206,67 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         )
         return output_spec, keras.KerasTensor(
             scores_shape, dtype=self.compute_dtype
+        )
+
+
+def _take_keras_masks(query, value, key):
+    """The query's Keras mask, once the Keras masks of the three inputs are
+    removed: as in Keras MHA, the query's mask is its Keras mask (the
+    `query_mask` argument is not read), and the masks are consumed by the
+    layer rather than propagated."""
+    query_mask = get_keras_mask(query)
+    for tensor in (query, value, key):
+        set_keras_mask(tensor, None)
+    return query_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _AxesFolding:
+    """How attention over `attention_axes` folds into attention over one
+    sequence axis, and back.
+
+    Attributes:
+        order: Axis order that puts the batch, then the other positional
+            axes, then the attention axes, then the features.
+        outer: Sizes of the batch and the other axes.
+        queries: Sizes of the query's attention axes.
+        keys: Sizes of the key's attention axes.
+    """
+
+    order: tuple
+    outer: tuple
+    queries: tuple
+    keys: tuple
+
+    def fold(self, tensor, role):
+        """`(B, <positions>, ...)` -> `(B', T', ...)` (`role="query"`) or
+        `(B', S', ...)` (`role="key"`); trailing axes stay as they are."""
+        rank = len(self.order)
+        positions = self.queries if role == "query" else self.keys
+        trailing = tuple(range(rank, len(tensor.shape)))
+        tensor = ops.transpose(tensor, self.order + trailing)
+        return ops.reshape(
+            tensor,
+            (-1, int(np.prod(positions))) + tuple(tensor.shape[rank - 1 :]),
+        )
+
+    def unfold_context(self, context):
+        """`(B', T', H, d)` context -> `(B, <positions>, H, d)`."""
+        rank = len(self.order)
+        context = ops.reshape(
+            context, self.outer + self.queries + tuple(context.shape[2:])
+        )
+        inverse = tuple(np.argsort(self.order[:-1])) + (rank - 1, rank)
+        return ops.transpose(context, inverse)
+
+    def unfold_scores(self, scores):
+        """`(B', H, T', S')` scores -> `(B, <other axes>, H, <query
+        attention axes>, <key attention axes>)`; `None` stays `None`."""
+        if scores is None:
+            return None
+        heads = (scores.shape[1],)
+        return ops.reshape(
+            scores, self.outer + heads + self.queries + self.keys
         )
 
 
