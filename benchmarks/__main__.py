@@ -33,6 +33,7 @@ SUITES = {
     "fidelity": "benchmarks.suites.fidelity",
     "pruning": "benchmarks.suites.pruning",
     "decode": "benchmarks.suites.decode",
+    "decoder_quality": "benchmarks.suites.decoder_quality",
     "all": "benchmarks.suites.full_set",
 }
 
