@@ -82,7 +82,7 @@ FULL = {
     "calibration_batch_size": 16,
     "calibration_seed": 1,
     "distill_steps": 150,
-    "distill_learning_rate": 1e-3,
+    "distill_learning_rate": 3e-4,
     "held_out_windows": 256,
     "continuations": 32,
     "prompt_length": 64,
