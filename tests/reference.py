@@ -87,18 +87,30 @@ def collaborative_attention(
     content_bias=None,
     value_bias=None,
     output_bias=None,
+    value_mixing=None,
+    gate_kernel=None,
+    gate_bias=None,
     mask=None,
     fully_masked="uniform",
 ):
     """Collaborative attention, head by head, in float64.
 
+    Per-head values (`value_mixing=None`), as in multi-head attention:
+    `output = Σ_h (g_h ⊙ A_h (V W_V^h + b_V^h)) W_O^h + b_O`. Shared values
+    (`value_mixing` given): `Ṽ = V W̃_V + b̃_V`, `output = Σ_h (g_h ⊙ A_h Ṽ
+    ⊙ n_h) W̃_O + b_O`. `g_h = sigmoid(X W_G^h + b_G^h)` is the gate (1
+    without `gate_kernel`), `A_h` head h's attention probabilities.
+
     Args:
         x: (B, T, D_q) queries; y: (B, S, D_k) keys; v: (B, S, D_v) values.
         query_kernel: (D_q, D̃); key_kernel: (D_k, D̃); mixing: (H, D̃);
-        value_kernel: (D_v, H, d_v); output_kernel: (H, d_v, D_out);
-        content_bias: (D_k, H); mask: boolean, broadcastable to (B, T, S),
-        or of rank 4, broadcastable to (B, H, T, S) (one mask per head);
-        fully_masked: see `masked_softmax`.
+        value_kernel: (D_v, H, d_v), or (D_v, D̃_v) with shared values;
+        output_kernel: (H, d_v, D_out), or (D̃_v, D_out) with shared values;
+        value_bias: (H, d_v), or (D̃_v,); value_mixing: (H, D̃_v) or `None`;
+        gate_kernel: (D_q, H, d_v) or (D_q, H, D̃_v); gate_bias: its last
+        two axes; content_bias: (D_k, H); mask: boolean, broadcastable to
+        (B, T, S), or of rank 4, broadcastable to (B, H, T, S) (one mask
+        per head); fully_masked: see `masked_softmax`.
 
     Returns:
         (output (B, T, D_out), probabilities (B, H, T, S)).
@@ -112,6 +124,11 @@ def collaborative_attention(
     batch, queries, _ = x.shape
     keys = y.shape[1]
     probabilities = np.zeros((batch, num_heads, queries, keys))
+    shared_value = None
+    if value_mixing is not None:
+        shared_value = v @ value_kernel
+        if value_bias is not None:
+            shared_value = shared_value + value_bias
     output = 0.0
     for h in range(num_heads):
         logits = (shared_query * mixing[h]) @ shared_key.transpose(0, 2, 1)
@@ -126,10 +143,24 @@ def collaborative_attention(
                 allowed = mask[:, h if mask.shape[1] > 1 else 0]
         p = masked_softmax(logits, allowed, fully_masked)
         probabilities[:, h] = p
-        value_h = v @ value_kernel[:, h, :]
-        if value_bias is not None:
-            value_h = value_h + value_bias[h]
-        output = output + (p @ value_h) @ output_kernel[h]
+        if shared_value is None:
+            value_h = v @ value_kernel[:, h, :]
+            if value_bias is not None:
+                value_h = value_h + value_bias[h]
+        else:
+            value_h = shared_value
+        context = p @ value_h
+        if gate_kernel is not None:
+            gate_logits = x @ gate_kernel[:, h, :]
+            if gate_bias is not None:
+                gate_logits = gate_logits + gate_bias[h]
+            context = context / (1.0 + np.exp(-gate_logits))
+        if shared_value is None:
+            output = output + context @ output_kernel[h]
+        else:
+            output = output + context * value_mixing[h]
+    if shared_value is not None:
+        output = output @ output_kernel
     if output_bias is not None:
         output = output + output_bias
     return output, probabilities
@@ -196,6 +227,7 @@ def layer_reference(
 
     key = value if key is None else key
     inputs = [ops.convert_to_numpy(t) for t in (query, key, value)]
+    gate = getattr(layer, "_gate_dense", None) if layer._use_gate else None
     kwargs = dict(
         query_kernel=numpy(layer.query_dense.kernel),
         key_kernel=numpy(layer.key_dense.kernel),
@@ -207,6 +239,9 @@ def layer_reference(
         content_bias=numpy(layer.content_bias),
         value_bias=numpy(layer.value_dense.bias),
         output_bias=numpy(layer.output_dense.bias),
+        value_mixing=numpy(layer.value_mixing),
+        gate_kernel=None if gate is None else numpy(gate.kernel),
+        gate_bias=None if gate is None else numpy(gate.bias),
         mask=mask,
         fully_masked=fully_masked,
     )

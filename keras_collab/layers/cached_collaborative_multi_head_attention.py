@@ -25,16 +25,19 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
       what collaborative attention needs of a key: the shared key
       (`shared_key_dim` numbers), the content-bias logits (`num_heads`, only
       with a content bias), then the values of every head
-      (`num_heads * value_dim`). Nothing is padded, so the key half of the
-      cache shrinks with D̃. The axis of size 1 keeps `max_length` on axis 2,
-      where KerasHub's `TransformerDecoder` reads it.
+      (`num_heads * value_dim`), or with shared values the shared value
+      `Ṽ` (`shared_value_dim` numbers). Nothing is padded, so the key part
+      of the cache shrinks with D̃ and the value part with D̃_v. The axis
+      of size 1 keeps `max_length` on axis 2, where KerasHub's
+      `TransformerDecoder` reads it.
       `empty_cache(batch_size, max_length)` makes one.
     * **KerasHub's** (rank 5): `(batch, 2, max_length, num_heads, key_dim)`
       with keys at index 0 and values at index 1, so that KerasHub's own
       decoding loops work unchanged. A key slot of `num_heads * key_dim`
       numbers holds the shared key and the content logits, padded with
-      zeros: it saves no memory, and needs `value_dim == key_dim` and
-      `shared_key_dim (+ num_heads) <= num_heads * key_dim`.
+      zeros: it saves no memory, and needs `value_dim == key_dim`,
+      `shared_key_dim (+ num_heads) <= num_heads * key_dim` and per-head
+      values (no `shared_value_dim`).
 
     Args:
         **kwargs: Those of `CollaborativeMultiHeadAttention`.
@@ -56,6 +59,9 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
         The attention output, then the scores if asked for, then the updated
         cache if a cache was passed.
 
+    As in KerasHub's `CachedMultiHeadAttention`, a gate (`use_gate`) is not
+    applied.
+
     Example:
 
     >>> layer = CachedCollaborativeMultiHeadAttention(
@@ -69,16 +75,27 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
     >>> output, cache = layer(x, x, cache=cache, cache_update_index=0)
     >>> tuple(cache.shape)
     (1, 1, 4, 24)
+
+    With shared values the cache holds `Ṽ` instead of per-head values:
+
+    >>> layer = CachedCollaborativeMultiHeadAttention(
+    ...     num_heads=2, key_dim=8, shared_key_dim=6, shared_value_dim=5
+    ... )
+    >>> _ = layer(x, x)
+    >>> layer.cache_width  # 6 shared key + 2 content logits + 5 values
+    13
     """
 
     @property
     def cache_width(self):
         """Numbers per position of the compact cache: shared key, content
-        logits (with a content bias) and the values of every head."""
+        logits (with a content bias) and the values of every head, or the
+        shared value."""
         content = self._num_heads if self._use_content_bias else 0
-        return (
-            self._shared_key_dim + content + self._num_heads * self._value_dim
-        )
+        values = self._shared_value_dim
+        if values is None:
+            values = self._num_heads * self._value_dim
+        return self._shared_key_dim + content + values
 
     def empty_cache(self, batch_size, max_length, dtype=None):
         """A zero compact cache of shape `(batch_size, 1, max_length,
@@ -109,30 +126,20 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
                     f"`None`. Received: cache={cache}, "
                     f"cache_update_index={cache_update_index}"
                 )
-            shared_key = self._key_dense(key)
-            content_logits = self._content_logits(key)
-            projected_value = self._value_dense(value)
+            shared_key, content_logits, projected_value = (
+                self._key_dense(key),
+                self._content_logits(key),
+                self._value_dense(value),
+            )
         else:
             layout = self._cache_layout(cache)
             if cache_update_index is not None:
-                update = self._cache_entries(key, value, layout)
-                if layout == KERAS_HUB:
-                    # Keys at index 0 and values at 1, each (B, L, H, d).
-                    start = [0, cache_update_index, 0, 0]
-                    cache = ops.stack(
-                        [
-                            ops.slice_update(cache[:, i], start, entries)
-                            for i, entries in enumerate(update)
-                        ],
-                        axis=1,
-                    )
-                else:
-                    start = [0, 0, cache_update_index, 0]
-                    cache = ops.slice_update(cache, start, update)
+                cache = self._update_cache(
+                    cache, layout, key, value, cache_update_index
+                )
             shared_key, content_logits, projected_value = self._read_cache(
                 cache, layout
             )
-
         attention_output, attention_scores = self._compute_attention(
             shared_query,
             shared_key,
@@ -142,14 +149,30 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
             return_attention_scores,
             content_logits=content_logits,
         )
-        attention_output = self._output_dense(attention_output)
-        if return_attention_scores and cache is not None:
-            return attention_output, attention_scores, cache
+        attention_output = self._combine_heads(attention_output)
+        outputs = (attention_output,)
         if return_attention_scores:
-            return attention_output, attention_scores
+            outputs += (attention_scores,)
         if cache is not None:
-            return attention_output, cache
-        return attention_output
+            outputs += (cache,)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def _update_cache(self, cache, layout, key, value, cache_update_index):
+        """`cache` with the entries of `key`/`value` written from position
+        `cache_update_index` on."""
+        update = self._cache_entries(key, value, layout)
+        if layout == KERAS_HUB:
+            # Keys at index 0 and values at 1, each (B, L, H, d).
+            start = [0, cache_update_index, 0, 0]
+            return ops.stack(
+                [
+                    ops.slice_update(cache[:, i], start, entries)
+                    for i, entries in enumerate(update)
+                ],
+                axis=1,
+            )
+        start = [0, 0, cache_update_index, 0]
+        return ops.slice_update(cache, start, update)
 
     def _cache_layout(self, cache):
         """Which layout `cache` has; its sizes are checked against the
@@ -173,6 +196,14 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
         )
 
     def _check_keras_hub_layout(self, shape):
+        if self._shared_value_dim is not None:
+            raise ValueError(
+                "KerasHub's cache layout holds per-head values "
+                "(batch, 2, max_length, num_heads, key_dim); this layer "
+                f"shares its values (shared_value_dim="
+                f"{self._shared_value_dim}). Use the compact cache "
+                "(`empty_cache`)."
+            )
         expected = (2, self._num_heads, self._key_dim)
         if (shape[1], shape[3], shape[4]) != expected:
             raise ValueError(
@@ -217,12 +248,14 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
                 packed, (shape[0], shape[1], self._num_heads, self._key_dim)
             )
             return keys, projected_value
+        # Per-head values (B, S, H, d_v) flattened; shared ones (B, S, D̃_v).
         shape = ops.shape(projected_value)
         parts.append(ops.reshape(projected_value, (shape[0], shape[1], -1)))
         return ops.expand_dims(ops.concatenate(parts, axis=-1), 1)
 
     def _read_cache(self, cache, layout):
-        """`(shared keys, content logits or None, values (B, S, H, d_v))`."""
+        """`(shared keys, content logits or None, values)`; the values are
+        `(B, S, H, d_v)`, or `(B, S, D̃_v)` when shared."""
         if layout == KERAS_HUB:
             keys, projected_value = cache[:, 0], cache[:, 1]
             shape = ops.shape(keys)
@@ -237,7 +270,9 @@ class CachedCollaborativeMultiHeadAttention(CollaborativeMultiHeadAttention):
         if self._use_content_bias:
             content_logits = flat[..., end : end + self._num_heads]
             end += self._num_heads
-        if projected_value is None:
+        if projected_value is None and self._shared_value_dim is not None:
+            projected_value = flat[..., end:]
+        elif projected_value is None:
             projected_value = ops.reshape(
                 flat[..., end:],
                 (shape[0], shape[1], self._num_heads, self._value_dim),

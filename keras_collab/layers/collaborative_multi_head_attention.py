@@ -13,6 +13,7 @@ from keras_collab.layers._keras_compat import projection_output_shape
 from keras_collab.layers._keras_compat import set_keras_mask
 from keras_collab.layers.initializers import clone_initializer
 from keras_collab.layers.initializers import get_mixing_initializer
+from keras_collab.layers.initializers import get_value_mixing_initializer
 from keras_collab.layers.weights import unshared_copy
 
 # Masked logits get this value. Large and finite, as in Keras MHA, so that a
@@ -102,12 +103,32 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     `1 / sqrt(key_dim)` whatever D̃ is, so that the softmax temperature of a
     converted model does not change.
 
+    With `shared_value_dim` (D̃_v) the values are shared too: one value
+    projection of size D̃_v for all heads, a value mixing vector `n_h` per
+    head, and the heads mixed before one output projection:
+
+    ```
+    Ṽ = V W̃_V + b̃_V                   (B, S, D̃_v)
+    context_h = A_h Ṽ                  (B, T, D̃_v)   A_h: head h's softmax
+    output = Σ_h (gate_h ⊙ context_h ⊙ n_h) W̃_O + b_O
+    ```
+
+    With `shared_value_dim == num_heads * value_dim` and `"concatenate"`
+    value mixing this is again exactly standard multi-head attention (the
+    gate, `(num_heads, shared_value_dim)` per query, acts on each head's
+    block as Keras MHA's gate on each head). Attention with shared values
+    is attention with one key/value head.
+
     Attention runs in `keras.ops` on every backend, with two exceptions that
     compute the same numbers (and are tested against it): the backend's fused
-    `dot_product_attention` where it accepts the shared key (JAX when
-    `shared_key_dim == value_dim`, PyTorch on accelerators), and on PyTorch
-    CPU in float32 a cache-blocked kernel (`torch_blocked_attention`), which
-    keeps each block's scores in cache instead of materialising them all.
+    `dot_product_attention` where it accepts the shared key as one key head
+    for all heads (and shared values as one value head): JAX when
+    `shared_key_dim` equals the values' head size (`value_dim`, or
+    `shared_value_dim` when shared), PyTorch on accelerators (any sizes),
+    never TensorFlow (it refuses one key head for several query heads); and
+    on PyTorch CPU in float32 a cache-blocked kernel
+    (`torch_blocked_attention`), which keeps each block's scores in cache
+    instead of materialising them all.
 
     Subclasses that change the attention itself override one method, as
     with Keras MHA's `_compute_attention`: `_compute_attention(query, key,
@@ -118,8 +139,10 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     included, of rank 4, broadcastable to `(B, H, T, S)`, or `None`) and
     the content logits `Y c_h` `(B, S, H)` (or `None`), and returns the
     `(B, T, H, value_dim)` context and the `(B, H, T, S)` probabilities (or
-    `None`). Every path calls it: rank-3 inputs, `attention_axes` (folded
-    into rank 3 first) and `CachedCollaborativeMultiHeadAttention`.
+    `None`). With shared values, `value` is `Ṽ` `(B, S, D̃_v)` and the
+    context `(B, T, H, D̃_v)`. Every path calls it: rank-3 inputs,
+    `attention_axes` (folded into rank 3 first) and
+    `CachedCollaborativeMultiHeadAttention`.
 
     Args:
         num_heads: Number of attention heads.
@@ -152,6 +175,18 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             initializer is accepted.
         use_content_bias: Boolean, whether the layer has a content bias (only
             with `use_bias=True`). Defaults to `True`.
+        shared_value_dim: Size D̃_v of a value projection shared by all
+            heads. `None` (default) keeps a value projection per head, as
+            in Keras MHA.
+        value_mixing_initializer: Initializer of the `(num_heads,
+            shared_value_dim)` value mixing matrix (only with
+            `shared_value_dim`). `"concatenate"` (default at
+            `shared_value_dim == num_heads * value_dim`) reproduces standard
+            multi-head attention; `"random_normal"` (default otherwise)
+            draws entries with variance `1 / num_heads`, so that each input
+            of the output projection, a sum over heads of `n_h` times a
+            context entry, has the variance of one context entry, as with
+            concatenated heads. Any Keras initializer is accepted.
         kernel_initializer: Initializer for dense layer kernels.
         bias_initializer: Initializer for biases, content bias included.
         kernel_regularizer: Regularizer for dense layer kernels.
@@ -216,6 +251,16 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     >>> output, scores = layer(query, value, return_attention_scores=True)
     >>> tuple(output.shape), tuple(scores.shape)
     ((2, 10, 512), (2, 8, 10, 16))
+
+    Shared values as well:
+
+    >>> layer = CollaborativeMultiHeadAttention(
+    ...     num_heads=8, key_dim=64, shared_key_dim=128, shared_value_dim=256
+    ... )
+    >>> tuple(layer(query, value).shape)
+    (2, 10, 512)
+    >>> tuple(layer.value_dense.kernel.shape), tuple(layer.value_mixing.shape)
+    ((512, 256), (8, 256))
     """
 
     def __init__(
@@ -232,6 +277,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         shared_key_dim=None,
         mixing_initializer=None,
         use_content_bias=True,
+        shared_value_dim=None,
+        value_mixing_initializer=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -271,21 +318,30 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         )
         if shared_key_dim is None:
             shared_key_dim = num_heads * key_dim
-        if (
-            isinstance(shared_key_dim, bool)
-            or not isinstance(shared_key_dim, (int, np.integer))
-            or shared_key_dim < 1
-        ):
-            raise ValueError(
-                "Received an invalid value for argument `shared_key_dim`, "
-                "expected a positive integer. Received: "
-                f"shared_key_dim={shared_key_dim}"
-            )
-        self._shared_key_dim = int(shared_key_dim)
+        self._shared_key_dim = _positive_int("shared_key_dim", shared_key_dim)
         self._mixing_initializer = get_mixing_initializer(
             mixing_initializer, num_heads, key_dim, self._shared_key_dim
         )
         self._use_content_bias = bool(use_content_bias) and use_bias
+        self._shared_value_dim = None
+        self._value_mixing_initializer = None
+        if shared_value_dim is not None:
+            self._shared_value_dim = _positive_int(
+                "shared_value_dim", shared_value_dim
+            )
+            self._value_mixing_initializer = get_value_mixing_initializer(
+                value_mixing_initializer,
+                num_heads,
+                self._value_dim,
+                self._shared_value_dim,
+            )
+        elif value_mixing_initializer is not None:
+            raise ValueError(
+                "`value_mixing_initializer` needs `shared_value_dim`: with "
+                "per-head values there is no value mixing. Received: "
+                f"value_mixing_initializer={value_mixing_initializer}"
+            )
+        self._value_mixing = None
 
     @property
     def shared_key_dim(self):
@@ -305,6 +361,25 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         """The `(key_input_dim, num_heads)` content bias, or `None`."""
         return self._content_bias
 
+    @property
+    def shared_value_dim(self):
+        """D̃_v of shared values, or `None` for per-head values."""
+        return self._shared_value_dim
+
+    @property
+    def value_mixing(self):
+        """The `(num_heads, shared_value_dim)` value mixing variable, or
+        `None` for per-head values."""
+        return self._value_mixing
+
+    @property
+    def _context_dim(self):
+        """Size of each head's context: `value_dim`, or D̃_v with shared
+        values."""
+        if self._shared_value_dim is None:
+            return self._value_dim
+        return self._shared_value_dim
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -316,6 +391,13 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 "use_content_bias": self._use_content_bias,
             }
         )
+        # Per-head values keep the configuration (and saved files) they had
+        # before shared values existed.
+        if self._shared_value_dim is not None:
+            config["shared_value_dim"] = self._shared_value_dim
+            config["value_mixing_initializer"] = keras.initializers.serialize(
+                self._value_mixing_initializer
+            )
         return config
 
     def build(self, query_shape, value_shape, key_shape=None):
@@ -328,14 +410,15 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
     def _build_shared_projections(self, query_shape, key_shape):
         """The query/key side: shared query and key projections, mixing
         and content bias."""
+        dim = self._shared_key_dim
         self._query_dense = self._shared_dense(
-            "query", query_shape, self._use_bias
+            "query", query_shape, dim, self._use_bias
         )
         # No key bias: softmax cancels it.
-        self._key_dense = self._shared_dense("key", key_shape, False)
+        self._key_dense = self._shared_dense("key", key_shape, dim, False)
         self._mixing = self.add_weight(
             name="mixing",
-            shape=(self._num_heads, self._shared_key_dim),
+            shape=(self._num_heads, dim),
             initializer=self._mixing_initializer,
             regularizer=self._kernel_regularizer,
             constraint=self._kernel_constraint,
@@ -350,16 +433,15 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 constraint=self._bias_constraint,
             )
 
-    def _shared_dense(self, name, input_shape, use_bias):
-        """A built projection of the feature axis onto D̃: `(..., D) ->
-        (..., D̃)`, a kernel `(D, D̃)`, one "head" for all heads."""
+    def _shared_dense(self, name, input_shape, units, use_bias):
+        """A built projection of the feature axis onto `units`: `(..., D)
+        -> (..., units)`, a kernel `(D, units)`, one "head" for all
+        heads."""
         free_dims = len(input_shape) - 1
         equation, bias_axes, _ = projection_equation(free_dims, output_dims=1)
         dense = keras.layers.EinsumDense(
             equation,
-            output_shape=projection_output_shape(
-                free_dims, [self._shared_key_dim]
-            ),
+            output_shape=projection_output_shape(free_dims, [units]),
             bias_axes=bias_axes if use_bias else None,
             name=name,
             **self._get_common_kwargs_for_sublayer(),
@@ -368,27 +450,67 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         return dense
 
     def _build_value_side(self, query_shape, value_shape):
-        """Gate, values and output projection, exactly as in Keras MHA, and
-        the attention's softmax and dropout."""
+        """Gate, values (per head exactly as in Keras MHA, or shared with
+        their mixing) and output projection, and the attention's softmax
+        and dropout."""
         if self._use_gate:
             self._gate_dense = self._head_dense(
-                "gate", query_shape, activation="sigmoid"
+                "gate", query_shape, self._context_dim, activation="sigmoid"
             )
-        self._value_dense = self._head_dense("value", value_shape)
+        if self._shared_value_dim is None:
+            self._value_dense = self._head_dense(
+                "value", value_shape, self._value_dim
+            )
+        else:
+            self._build_shared_values(value_shape)
         # Creates `_softmax`, `_dropout_layer` and normalises attention axes.
         self._build_attention(len(query_shape) + 1)
-        self._output_dense = self._make_output_dense(
-            query_shape,
-            self._get_common_kwargs_for_sublayer(),
-            "attention_output",
+        self._output_dense = self._build_output_dense(query_shape)
+
+    def _build_shared_values(self, value_shape):
+        """The shared value projection `W̃_V` and the value mixing."""
+        self._value_dense = self._shared_dense(
+            "value", value_shape, self._shared_value_dim, self._use_bias
         )
-        self._output_dense.build(
-            tuple(query_shape[:-1]) + (self._num_heads, self._value_dim)
+        self._value_mixing = self.add_weight(
+            name="value_mixing",
+            shape=(self._num_heads, self._shared_value_dim),
+            initializer=self._value_mixing_initializer,
+            regularizer=self._kernel_regularizer,
+            constraint=self._kernel_constraint,
         )
 
-    def _head_dense(self, name, input_shape, activation=None):
+    def _build_output_dense(self, query_shape):
+        """The built output projection: Keras MHA's `(H, value_dim, ...)`
+        kernel, or `(D̃_v, ...)` with shared values (heads mixed first)."""
+        common_kwargs = self._get_common_kwargs_for_sublayer()
+        if self._shared_value_dim is None:
+            dense = self._make_output_dense(
+                query_shape, common_kwargs, "attention_output"
+            )
+            dense.build(
+                tuple(query_shape[:-1]) + (self._num_heads, self._value_dim)
+            )
+            return dense
+        output_shape = self._output_shape or (query_shape[-1],)
+        equation, bias_axes, output_rank = projection_equation(
+            len(query_shape) - 1, output_dims=len(output_shape)
+        )
+        dense = keras.layers.EinsumDense(
+            equation,
+            output_shape=projection_output_shape(
+                output_rank - 1, list(output_shape)
+            ),
+            bias_axes=bias_axes if self._use_bias else None,
+            name="attention_output",
+            **common_kwargs,
+        )
+        dense.build(tuple(query_shape[:-1]) + (self._shared_value_dim,))
+        return dense
+
+    def _head_dense(self, name, input_shape, head_dim, activation=None):
         """A built per-head projection, as Keras MHA's value projection:
-        `(..., D) -> (..., H, value_dim)`."""
+        `(..., D) -> (..., H, head_dim)`."""
         free_dims = len(input_shape) - 1
         equation, bias_axes, output_rank = projection_equation(
             free_dims, output_dims=2
@@ -396,7 +518,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         dense = keras.layers.EinsumDense(
             equation,
             output_shape=projection_output_shape(
-                output_rank - 1, [self._num_heads, self._value_dim]
+                output_rank - 1, [self._num_heads, head_dim]
             ),
             bias_axes=bias_axes if self._use_bias else None,
             activation=activation,
@@ -460,17 +582,41 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         )
         return [variable for variable in candidates if variable is not None]
 
+    @property
+    def value_output_variables(self):
+        """The variables of the value/output side: value kernel and bias,
+        value mixing (shared values), output kernel and bias, gate kernel
+        and bias (those that exist).
+
+        With shared values these are the weights a conversion of the value
+        side approximates.
+        """
+        candidates = [
+            self._value_dense.kernel,
+            self._value_dense.bias,
+            self._value_mixing,
+            self._output_dense.kernel,
+            self._output_dense.bias,
+        ]
+        if self._use_gate:
+            candidates += [self._gate_dense.kernel, self._gate_dense.bias]
+        return [variable for variable in candidates if variable is not None]
+
     @classmethod
-    def from_multi_head_attention(cls, mha, query_key=None, name=None):
+    def from_multi_head_attention(
+        cls, mha, query_key=None, name=None, value_output=None
+    ):
         """Creates a collaborative layer from a built Keras MHA layer.
 
         Without `query_key`, the result is the exact full-size copy of `mha`
         (`shared_key_dim = num_heads * key_dim`, concatenated heads): it
         computes what `mha` computes. With `query_key`, the query/key side
         is the given factors and everything else (values, output projection,
-        gate) is copied from `mha`. To choose a smaller D̃ from `mha`'s
-        weights, use `keras_collab.convert_attention`, which computes those
-        factors by tensor decomposition.
+        gate) is copied from `mha`. With `value_output`, the new layer has
+        shared values (`shared_value_dim`) with the given value, mixing,
+        output (and gate) weights instead. To choose a smaller D̃ (or D̃_v)
+        from `mha`'s weights, use `keras_collab.convert_attention`, which
+        computes those factors by tensor decomposition.
 
         Args:
             mha: A built `keras.layers.MultiHeadAttention` (or subclass). It
@@ -478,6 +624,9 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             query_key: Optional `CollaborativeQueryKey`: the shared query and
                 key kernels, mixing and biases of the new layer.
             name: Name of the new layer; defaults to `mha.name`.
+            value_output: Optional `CollaborativeValueOutput`: the shared
+                value side of the new layer. `None` copies `mha`'s per-head
+                values, output projection and gate.
 
         Returns:
             A new, built layer of class `cls`.
@@ -507,19 +656,51 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         if query_key is None:
             query_key = _concatenated_query_key(mha)
-        config = _config_like(mha, query_key)
+        config = _config_like(mha, query_key, value_output)
         layer = cls(name=name or mha.name, dtype=mha.dtype_policy, **config)
         layer.build(*mha_input_shapes(mha))
         layer._assign_query_key(query_key)
+        if value_output is None:
+            layer._copy_value_side(mha)
+        else:
+            layer._assign_value_output(value_output)
+        return layer
+
+    def _copy_value_side(self, mha):
+        """Copies `mha`'s per-head values, output projection and gate."""
         sources = [mha.value_dense, mha.output_dense]
-        targets = [layer._value_dense, layer._output_dense]
+        targets = [self._value_dense, self._output_dense]
         if getattr(mha, "_use_gate", False):
             sources.append(mha._gate_dense)
-            targets.append(layer._gate_dense)
+            targets.append(self._gate_dense)
         for source, target in zip(sources, targets):
             for source_var, target_var in zip(source.weights, target.weights):
                 target_var.assign(unshared_copy(source_var))
-        return layer
+
+    def _assign_value_output(self, value_output):
+        """Assigns a `CollaborativeValueOutput` to the shared value side."""
+        targets = {
+            "value_kernel": self._value_dense.kernel,
+            "value_mixing": self._value_mixing,
+            "output_kernel": self._output_dense.kernel,
+            "value_bias": self._value_dense.bias,
+            "output_bias": self._output_dense.bias,
+        }
+        if self._use_gate:
+            targets["gate_kernel"] = self._gate_dense.kernel
+            targets["gate_bias"] = self._gate_dense.bias
+        elif any(
+            part is not None
+            for part in (value_output.gate_kernel, value_output.gate_bias)
+        ):
+            raise ValueError(
+                "`value_output` has a gate, but the layer has none "
+                "(`use_gate=False`)."
+            )
+        _assign_all(
+            (variable, getattr(value_output, name), name)
+            for name, variable in targets.items()
+        )
 
     def _assign_query_key(self, query_key):
         pairs = [
@@ -535,12 +716,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         if self._content_bias is not None:
             pairs.append((self._content_bias, query_key.content_bias))
         for variable, value in pairs:
-            if tuple(variable.shape) != tuple(np.shape(value)):
-                raise ValueError(
-                    f"`{variable.path}` has shape {tuple(variable.shape)}; "
-                    f"the given value has shape {tuple(np.shape(value))}."
-                )
-            variable.assign(unshared_copy(value))
+            _assign(variable, value)
 
     def call(
         self,
@@ -579,7 +755,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             training=training,
             return_attention_scores=return_attention_scores,
         )
-        attention_output = self._combine_heads(context, query)
+        gate = self._gate_dense(query) if self._use_gate else None
+        attention_output = self._combine_heads(context, gate)
         if masks["query_mask"] is not None:
             set_keras_mask(attention_output, masks["query_mask"])
         if return_attention_scores:
@@ -588,7 +765,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def _project(self, query, value, key):
         """`(shared query, shared key, projected values, content logits or
-        None)` of the layer's inputs."""
+        None)` of the layer's inputs; the values are `(..., H, value_dim)`,
+        or `(..., D̃_v)` when shared."""
         return (
             self._query_dense(query),
             self._key_dense(key),
@@ -596,11 +774,16 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             self._content_logits(key),
         )
 
-    def _combine_heads(self, context, query):
-        """The attention output from the `(..., H, value_dim)` context:
-        gated by the query (with `use_gate`), then projected."""
-        if self._use_gate:
-            context = ops.multiply(context, self._gate_dense(query))
+    def _combine_heads(self, context, gate=None):
+        """The attention output from the `(..., H, d)` context: gated (with
+        `use_gate`), mixed over heads with shared values (`Σ_h n_h ⊙
+        context_h`), then projected."""
+        if gate is not None:
+            context = ops.multiply(context, gate)
+        if self._value_mixing is not None:
+            context = _mix_heads(
+                context, ops.cast(self._value_mixing, context.dtype)
+            )
         return self._output_dense(context)
 
     def _is_causal_only(self, masks):
@@ -852,20 +1035,23 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         """Whether `ops.dot_product_attention` should run this attention.
 
         The shared key is a single "head" of size D̃ while values keep
-        `num_heads` heads of size `value_dim`. PyTorch's fused kernel accepts
-        that (the key head broadcasts, value size may differ), but on CPU it
-        then runs a generic path that measured slower than the einsum path
-        (benchmarks/layer_speed), so it is used on accelerators or when
-        flash attention is asked for. The JAX kernel needs equal key and
-        value head sizes; TensorFlow's needs equal head counts. Elsewhere the
-        einsum path computes the same numbers.
+        `num_heads` heads of size `value_dim`, or, shared, are one head of
+        size D̃_v. PyTorch's fused kernel accepts both (the key/value head
+        broadcasts, value size may differ), but on CPU it then runs a
+        generic path that measured slower than the einsum path
+        (benchmarks/layer_speed, per-head values), so it is used on
+        accelerators or when flash attention is asked for. The JAX kernel
+        needs equal key and value head sizes (one key/value head is
+        accepted); TensorFlow's needs equal head counts (it refuses one
+        key/value head for several query heads). Elsewhere the einsum path
+        computes the same numbers.
         """
         if self._dropout > 0.0 or return_attention_scores:
             return False
         backend = keras.backend.backend()
         if backend == "torch":
             return bool(self._flash_attention) or _prefer_fused_on_torch(tensor)
-        return backend == "jax" and self._shared_key_dim == self._value_dim
+        return backend == "jax" and self._shared_key_dim == self._context_dim
 
     def _compute_attention(
         self,
@@ -889,7 +1075,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         Args:
             query: `(B, T, D̃)` shared query projection `Q̃` (not scaled).
             key: `(B, S, D̃)` shared key projection `K̃`.
-            value: `(B, S, H, value_dim)` projected values.
+            value: `(B, S, H, value_dim)` projected values, or the shared
+                values `Ṽ` `(B, S, D̃_v)`.
             attention_mask: `None` or a boolean mask of rank 4,
                 broadcastable to `(B, H, T, S)`: the final mask, causal,
                 sliding-window, padding and explicit masks combined.
@@ -903,10 +1090,11 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 always receives the causal mask in `attention_mask`.
 
         Returns:
-            `(B, T, H, value_dim)` context and `(B, H, T, S)` probabilities
-            (or `None` where they are not computed). A query whose keys
-            are all masked gets zero probabilities with dropout or
-            returned scores, uniform ones otherwise, as in Keras MHA.
+            `(B, T, H, value_dim)` (or `(B, T, H, D̃_v)`) context and `(B,
+            H, T, S)` probabilities (or `None` where they are not
+            computed). A query whose keys are all masked gets zero
+            probabilities with dropout or returned scores, uniform ones
+            otherwise, as in Keras MHA.
         """
         self._check_flash_attention_scores(return_attention_scores)
         zero_masked_rows = self._dropout > 0.0 or return_attention_scores
@@ -963,7 +1151,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                 "`flash_attention=True` needs a fused attention kernel, and "
                 f"the {keras.backend.backend()} backend has none for a shared "
                 f"key of size {self._shared_key_dim} with values of size "
-                f"{self._value_dim}. Use `flash_attention=None`."
+                f"{self._context_dim}. Use `flash_attention=None`."
             )
 
     def _einsum_attention(
@@ -1000,7 +1188,10 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             dropped = self._dropout_layer(probabilities, training=training)
         else:
             dropped = probabilities
-        context = ops.einsum("bhts,bshd->bthd", dropped, value)
+        if self._shared_value_dim is None:
+            context = ops.einsum("bhts,bshd->bthd", dropped, value)
+        else:
+            context = ops.einsum("bhts,bsd->bthd", dropped, value)
         if zero_masked_rows and not return_attention_scores:
             context = _zero_fully_masked_rows(context, mask)
         return context, probabilities
@@ -1029,6 +1220,13 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         from keras_collab.kernels import torch_blocked_attention
 
         scale = self._inverse_sqrt_key_dim
+        if self._shared_value_dim is not None:
+            # The kernel takes per-head values: a view of Ṽ for each head.
+            shape = ops.shape(value)
+            value = ops.broadcast_to(
+                ops.expand_dims(value, 2),
+                (shape[0], shape[1], self._num_heads, shape[2]),
+            )
         return torch_blocked_attention.blocked_collaborative_attention(
             ops.multiply(query, ops.cast(scale, query.dtype)),
             key,
@@ -1069,21 +1267,14 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         attention_mask,
         use_causal_mask,
     ):
-        """Attention in the backend's `ops.dot_product_attention`, the
-        shared key one key "head" for all heads."""
+        """Attention in the backend's `ops.dot_product_attention`: head
+        queries `Q̃ ⊙ m_h` against the shared key as one key "head" for all
+        heads; with shared values, `Ṽ` is the one value head (attention
+        with one key/value head)."""
         scale = self._inverse_sqrt_key_dim
         mixing = ops.cast(self._mixing, query.dtype)
         head_queries = ops.einsum("btd,hd->bthd", query, mixing)
-        shared_key = key
-        key = ops.expand_dims(shared_key, 2)
-        if keras.backend.backend() != "torch":
-            # JAX groups heads only when keys and values have the same head
-            # count; XLA fuses this broadcast into the dot product.
-            key_shape = ops.shape(shared_key)
-            key = ops.broadcast_to(
-                key,
-                (key_shape[0], key_shape[1], self._num_heads, key_shape[2]),
-            )
+        key, value = self._fused_key_value(key, value)
         mask = _rank4_mask(attention_mask)
         bias = _scaled_content_logits(content_logits, scale)
         if bias is not None:
@@ -1106,6 +1297,22 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             is_causal=use_causal_mask,
             flash_attention=self._flash_attention,
         )
+
+    def _fused_key_value(self, shared_key, value):
+        """Key and value of the layout `dot_product_attention` takes:
+        `(B, S, heads, d)`."""
+        key = ops.expand_dims(shared_key, 2)
+        if self._shared_value_dim is not None:
+            return key, ops.expand_dims(value, 2)
+        if keras.backend.backend() != "torch":
+            # JAX groups heads only when keys and values have the same head
+            # count; XLA fuses this broadcast into the dot product.
+            key_shape = ops.shape(shared_key)
+            key = ops.broadcast_to(
+                key,
+                (key_shape[0], key_shape[1], self._num_heads, key_shape[2]),
+            )
+        return key, value
 
     def _attend_over_axes(
         self,
@@ -1207,6 +1414,61 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         return output_spec, keras.KerasTensor(
             scores_shape, dtype=self.compute_dtype
         )
+
+
+def _positive_int(name, value):
+    """`value` as an `int`, or a ValueError naming the argument."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < 1
+    ):
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected a "
+            f"positive integer. Received: {name}={value}"
+        )
+    return int(value)
+
+
+def _assign(variable, value):
+    """Assigns an unshared copy of `value`, shapes checked."""
+    if tuple(variable.shape) != tuple(np.shape(value)):
+        raise ValueError(
+            f"`{variable.path}` has shape {tuple(variable.shape)}; "
+            f"the given value has shape {tuple(np.shape(value))}."
+        )
+    variable.assign(unshared_copy(value))
+
+
+def _assign_all(pairs):
+    """Assigns `(variable, value, name)` triples of a `value_output`.
+
+    A bias given as `None` is zero. A weight the layer lacks (a bias with
+    `use_bias=False`) takes only `None` or zeros; a gate kernel the layer
+    needs cannot be `None`.
+    """
+    for variable, value, name in pairs:
+        if variable is None:
+            if value is not None and np.any(value):
+                raise ValueError(
+                    f"`value_output.{name}` is not zero, but the layer has "
+                    "no such weight (`use_bias=False`)."
+                )
+            continue
+        if value is None:
+            if not name.endswith("bias"):
+                raise ValueError(
+                    f"`value_output.{name}` is `None`, but the layer needs "
+                    f"it for `{variable.path}`."
+                )
+            value = np.zeros(variable.shape, "float32")
+        _assign(variable, value)
+
+
+def _mix_heads(context, mixing):
+    """`Σ_h n_h ⊙ context_h`: `(..., H, d) x (H, d) -> (..., d)`."""
+    lead = "abcdefgijklmnopqrstu"[: len(context.shape) - 2]
+    return ops.einsum(f"{lead}hv,hv->{lead}v", context, mixing)
 
 
 def _take_keras_masks(query, value, key):
@@ -1427,8 +1689,9 @@ def _concatenated_query_key(mha):
     )
 
 
-def _config_like(mha, query_key):
-    """Arguments of a collaborative twin of `mha` with this query/key side.
+def _config_like(mha, query_key, value_output=None):
+    """Arguments of a collaborative twin of `mha` with this query/key side
+    (and shared values, given a `value_output`).
 
     At full size the query bias stays in the shared query projection and a
     content bias would always be zero, so the layer has none.
@@ -1445,4 +1708,11 @@ def _config_like(mha, query_key):
         mixing_initializer="concatenate" if full_size else None,
         use_content_bias=query_key.content_bias is not None,
     )
+    if value_output is not None:
+        dim = value_output.shared_value_dim
+        full_size = dim == mha.num_heads * mha.value_dim
+        config.update(
+            shared_value_dim=dim,
+            value_mixing_initializer="concatenate" if full_size else None,
+        )
     return config

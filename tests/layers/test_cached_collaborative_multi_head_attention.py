@@ -35,6 +35,9 @@ def _empty_cache(layer, layout, batch, length):
         ("compact", {}),
         ("compact", {"shared_key_dim": 16, "value_dim": 5}),
         ("compact", {"use_content_bias": False}),
+        ("compact", {"shared_value_dim": 5}),
+        ("compact", {"shared_value_dim": 6, "use_content_bias": False}),
+        ("compact", {"shared_key_dim": 16, "shared_value_dim": 16}),
         ("keras_hub", {}),
     ],
 )
@@ -90,6 +93,73 @@ def test_compact_cache_holds_exactly_what_attention_needs():
     assert _layer(use_content_bias=False).cache_width == 6 + 2 * 8
 
 
+def test_compact_cache_holds_the_shared_values():
+    # Per position: D̃ shared key + H content logits + D̃_v shared values.
+    layer = _layer(shared_key_dim=6, shared_value_dim=5)
+    assert layer.cache_width == 6 + 2 + 5
+    assert _layer(shared_value_dim=5, use_content_bias=False).cache_width == (
+        6 + 5
+    )
+    x = RNG.normal(size=(3, 4, 16)).astype("float32")
+    _, cache = layer(x, x, cache=layer.empty_cache(3, 7), cache_update_index=0)
+    assert tuple(cache.shape) == (3, 1, 7, 13)
+    cache = ops.convert_to_numpy(cache)
+    values = ops.convert_to_numpy(layer.value_dense(x))
+    assert values.shape == (3, 4, 5)
+    np.testing.assert_allclose(cache[:, 0, :4, 8:], values, atol=1e-6)
+    assert not cache[:, 0, 4:].any()
+
+
+def test_incremental_decoding_with_shared_values_matches_mha():
+    # At full size with concatenated mixing, shared values decode exactly
+    # as the Keras MHA they copy.
+    from keras_collab.layers import CollaborativeValueOutput
+
+    mha = keras.layers.MultiHeadAttention(
+        num_heads=2, key_dim=8, bias_initializer="random_normal"
+    )
+    x = RNG.normal(size=(2, 5, 16)).astype("float32")
+    causal = np.tril(np.ones((5, 5), dtype=bool))[None]
+    expected, _ = mha(x, x, attention_mask=causal, return_attention_scores=True)
+    value = ops.convert_to_numpy(mha.value_dense.kernel)
+    output = ops.convert_to_numpy(mha.output_dense.kernel)
+    side = CollaborativeValueOutput(
+        value_kernel=value.reshape(16, 16),
+        value_mixing=np.repeat(np.eye(2), 8, axis=1),
+        output_kernel=output.reshape(16, 16),
+        value_bias=ops.convert_to_numpy(mha.value_dense.bias).reshape(16),
+        output_bias=ops.convert_to_numpy(mha.output_dense.bias),
+    )
+    layer = CachedCollaborativeMultiHeadAttention.from_multi_head_attention(
+        mha, value_output=side
+    )
+    assert layer.cache_width == 16 + 16
+    cache = layer.empty_cache(2, 5)
+    outputs = []
+    for step in range(5):
+        token = x[:, step : step + 1]
+        output, cache = layer(
+            token,
+            token,
+            attention_mask=np.arange(5)[None, None, :] <= step,
+            cache=cache,
+            cache_update_index=step,
+        )
+        outputs.append(ops.convert_to_numpy(output))
+    np.testing.assert_allclose(
+        np.concatenate(outputs, axis=1),
+        ops.convert_to_numpy(expected),
+        atol=1e-5,
+    )
+
+
+def test_keras_hub_layout_refuses_shared_values():
+    layer = _layer(shared_value_dim=5)
+    x = RNG.normal(size=(1, 2, 16)).astype("float32")
+    with pytest.raises(ValueError, match="shares its values"):
+        layer(x, x, cache=ops.zeros((1, 2, 2, 2, 8)), cache_update_index=0)
+
+
 def test_keras_hub_layout_cannot_hold_too_large_a_shared_key():
     layer = _layer(shared_key_dim=15)
     x = RNG.normal(size=(1, 2, 16)).astype("float32")
@@ -128,6 +198,13 @@ def test_serializable():
     clone = keras.saving.deserialize_keras_object(config)
     assert isinstance(clone, CachedCollaborativeMultiHeadAttention)
     assert clone.shared_key_dim == 6
+    assert clone.shared_value_dim is None
+    shared = _layer(shared_value_dim=5)
+    clone = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(shared)
+    )
+    assert clone.shared_value_dim == 5
+    assert clone.cache_width == shared.cache_width == 6 + 2 + 5
 
 
 def test_cached_attention_goes_through_the_override_point():
