@@ -12,19 +12,25 @@ The package is a pipeline; each subpackage imports only those before it:
 
 import importlib.util
 
-from keras_collab.conversion import convert_attention
-from keras_collab.conversion import convert_model
-from keras_collab.conversion import distill
-from keras_collab.layers import CachedCollaborativeMultiHeadAttention
-from keras_collab.layers import CollaborativeMultiHeadAttention
-from keras_collab.layers import CollaborativeQueryKey
-from keras_collab.layers import ConcatenateMixing
+from keras_collab import cli as _cli
 
-# With KerasHub installed, register the collaborative twins of its backbones,
-# tasks and tokenizers now, so that `from_preset` can load converted presets
-# right after `import keras_collab`.
-if importlib.util.find_spec("keras_hub") is not None:
-    from keras_collab import hub  # noqa: F401
+# Run as the command line (`keras-collab`, `python -m keras_collab`), these
+# imports, which load the backends, leave out their start-up log lines;
+# imported as a library, nothing changes (`keras_collab.cli`).
+with _cli.quiet_backend_startup(_cli.invoked_as_command()):
+    from keras_collab.conversion import convert_attention
+    from keras_collab.conversion import convert_model
+    from keras_collab.conversion import distill
+    from keras_collab.layers import CachedCollaborativeMultiHeadAttention
+    from keras_collab.layers import CollaborativeMultiHeadAttention
+    from keras_collab.layers import CollaborativeQueryKey
+    from keras_collab.layers import ConcatenateMixing
+
+    # With KerasHub installed, register the collaborative twins of its
+    # backbones, tasks and tokenizers now, so that `from_preset` can load
+    # converted presets right after `import keras_collab`.
+    if importlib.util.find_spec("keras_hub") is not None:
+        from keras_collab import hub  # noqa: F401
 
 __version__ = "0.2.0"
 

@@ -13,17 +13,167 @@ encoder and its decoder text (see `keras_collab.hub.text`).
 This module parses arguments and formats reports; the work is done by
 `keras_collab.conversion` and `keras_collab.hub`, imported when a command
 runs so that `--help` stays fast.
+
+Run as a command (`keras-collab`, `python -m keras_collab`), the package
+hides the start-up log lines of the backends (TensorFlow's and XLA's C++
+INFO lines about oneDNN, CUDA and CPU instructions) before it imports them;
+see `quiet_backend_startup`. Importing the library changes nothing.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 
 DEFAULT_SHARED_KEY_DIM = "0.5"
 DEFAULT_OUTPUT = "minilm_collab"
 HELD_OUT_TEXTS = 64
+BACKENDS = ("tensorflow", "jax", "torch")
+
+# Environment defaults for the command line, applied only where the user has
+# not set them. TensorFlow's C++ logging (also that of XLA and of
+# TensorFlow's ops that KerasHub's tokenizers run on every backend) at
+# level 3 prints nothing below FATAL: the CUDA probing and oneDNN notices of
+# a CPU machine are ERROR and INFO lines. Python warnings are unaffected.
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3"}
+# Start-up lines that TensorFlow 2.19+ writes while it is imported, before
+# it reads TF_CPP_MIN_LOG_LEVEL: absl's notice, INFO lines ("I0000 ...
+# port.cc:153] oneDNN custom operations are on", "cudart_stub.cc: Could
+# not find cuda drivers"), and the continuation of the CPU-instructions
+# notice. Anything else written while the backends are imported (their
+# WARNING and ERROR lines, Python warnings, tracebacks) is kept.
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
+    r"|To enable the following instructions: .* rebuild TensorFlow)"
+)
+_COMMAND_NAMES = ("keras-collab", "keras-collab.exe", "keras-collab-script.py")
+_COMMAND_MODULES = ("keras_collab", "keras_collab.cli")
+
+
+def invoked_as_command(argv=None, orig_argv=None):
+    """Whether this process runs the command line: the `keras-collab`
+    script, or `python -m keras_collab` (while Python imports the package
+    for `-m`, `sys.argv[0]` is `"-m"`).
+
+    >>> invoked_as_command(["/usr/bin/keras-collab", "convert"])
+    True
+    >>> invoked_as_command(["-m"], ["python", "-m", "keras_collab"])
+    True
+    >>> invoked_as_command(["-m"], ["python", "-m", "pytest"])
+    False
+    >>> invoked_as_command(["train.py"])
+    False
+    """
+    argv = sys.argv if argv is None else argv
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) in _COMMAND_NAMES:
+        return True
+    if argv[0] != "-m":
+        return False
+    orig_argv = (
+        getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv
+    )
+    for index, arg in enumerate(orig_argv[:-1]):
+        if arg == "-m":
+            return orig_argv[index + 1] in _COMMAND_MODULES
+    return False
+
+
+def is_startup_noise(line):
+    """Whether `line` is one of the backends' start-up lines the command
+    line hides.
+
+    >>> is_startup_noise("I0000 00:00:1796.3  2904 port.cc:153] oneDNN is on")
+    True
+    >>> is_startup_noise("W0000 00:00:1796.3 2904 gpu.cc:12] Out of memory")
+    False
+    >>> is_startup_noise("UserWarning: something that matters")
+    False
+    """
+    return bool(_STARTUP_NOISE.match(line))
+
+
+def quiet_environment(environ=None):
+    """Applies `QUIET_ENVIRONMENT` to `environ` (`os.environ`) where the user
+    has not set a value; returns the names it set."""
+    environ = os.environ if environ is None else environ
+    applied = [name for name in QUIET_ENVIRONMENT if name not in environ]
+    for name in applied:
+        environ[name] = QUIET_ENVIRONMENT[name]
+    return applied
+
+
+@contextlib.contextmanager
+def quiet_backend_startup(enabled=True):
+    """Imports inside this context leave out the backends' start-up noise.
+
+    Sets `QUIET_ENVIRONMENT` where the user has not, and, unless the user
+    set `TF_CPP_MIN_LOG_LEVEL` themselves (then they asked for those lines),
+    collects what is written to file descriptor 2 (the C++ libraries write
+    there directly) and writes it back to `sys.stderr` on exit, less
+    `is_startup_noise` lines. `keras_collab/__init__.py` wraps its imports
+    in it when `invoked_as_command()`.
+    """
+    if not enabled:
+        yield
+        return
+    user_level = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+    quiet_environment()
+    if user_level:
+        yield
+        return
+    with _stderr_without(is_startup_noise):
+        yield
+
+
+@contextlib.contextmanager
+def _stderr_without(drop):
+    """Collects file descriptor 2 and writes it back without the lines for
+    which `drop(line)` holds."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no usable stderr
+        yield
+        return
+    with tempfile.TemporaryFile() as collected:
+        os.dup2(collected.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            collected.seek(0)
+            text = collected.read().decode("utf-8", errors="replace")
+            kept = [line for line in text.splitlines(True) if not drop(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def _backend():
+    import keras
+
+    return keras.backend.backend()
+
+
+def backend_hint(backend):
+    """How to run the command on another backend.
+
+    >>> backend_hint("jax")
+    'choose another with KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch'
+    """
+    others = [f"KERAS_BACKEND={name}" for name in BACKENDS if name != backend]
+    return f"choose another with {' or '.join(others)}"
 
 
 def _dim_parser(name):
@@ -222,6 +372,7 @@ def convert(args):
     measured = fidelity(loaded.backbone, result.model, held_out)
     report = _conversion_report(args, source, output, result, measured)
     report["total_params_before"] = loaded.backbone.count_params()
+    report.update(_backend_fields())
     report["total_params_after"] = result.model.count_params()
     with preset_files.atomic_directory(output, force=args.force) as staging:
         result.model.save_to_preset(staging)
@@ -304,13 +455,23 @@ def report(args):
     held_out = text.encode(preprocessor, held_out_texts)
     stored["fidelity"] = fidelity(original.backbone, converted, held_out)
     stored["output"] = os.path.abspath(args.directory)
+    # The stored report's backend is the conversion's; this is the run's.
+    if "backend" in stored:
+        stored["conversion_backend"] = stored["backend"]
+    stored.update(_backend_fields())
     return stored
+
+
+def _backend_fields():
+    backend = _backend()
+    return {"backend": backend, "backend_hint": backend_hint(backend)}
 
 
 def format_report(report):
     lines = [
         f"Source: {report['source']}",
         f"Output: {report['output']}",
+        *_backend_lines(report),
         "",
         f"{'layer':<50} {'D̃':>5} {'of':>5} {'rel. error':>10} "
         f"{'QK params':>21} {'s':>6}",
@@ -341,6 +502,19 @@ def format_report(report):
         "(model loading excluded)"
     )
     return "\n".join(lines)
+
+
+def _backend_lines(report):
+    """Which Keras backend ran, and how to pick another (reports written
+    before the backend was recorded have none)."""
+    backend = report.get("backend")
+    if backend is None:
+        return []
+    line = f"Keras backend: {backend} ({report['backend_hint']})"
+    converted = report.get("conversion_backend")
+    if converted and converted != backend:
+        line += f"; converted on {converted}"
+    return [line]
 
 
 def _value_lines(report):
