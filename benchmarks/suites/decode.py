@@ -29,6 +29,7 @@ Results: `decode_<backend>.{json,md,png}`, or `decode_all.*` for
 `--backend-all`.
 """
 
+import gc
 import os
 import time
 
@@ -45,7 +46,8 @@ from benchmarks.harness.plots import new_figure
 from benchmarks.harness.plots import save_figure
 from benchmarks.harness.result_files import write_text
 from benchmarks.harness.run import start_run
-from benchmarks.harness.timing import time_alternating
+from benchmarks.harness.timing import TimingStats
+from benchmarks.harness.timing import time_call
 
 SUITE = "decode"
 ORIGINAL = "original"
@@ -487,14 +489,32 @@ def _generate_call(causal_lm, inputs):
 
 def _time(calls, repeats):
     """Medians of `repeats` timed rounds, after one untimed round (the
-    calls' first, compiling, call)."""
-    return time_alternating(
-        calls,
-        warmup_calls=1,
-        min_repeats=repeats,
-        max_repeats=repeats,
-        budget_s=0.0,
-    )
+    calls' first, compiling, call).
+
+    As `harness.timing.time_alternating` (rounds of one call each, in an
+    order that rotates), except for the garbage collector: it collects
+    before every call, outside the clock, and stays on during the call, as
+    in a user's `generate()`. On PyTorch every `keras.tree` flattening
+    leaves a reference cycle (`torch.utils._pytree.tree_flatten`'s
+    recursive helper) that holds the flattened tensors until a collection:
+    with the collector paused through the rounds, GPT-2 small at batch 8,
+    context 1024 grew past 23 GiB and was killed.
+    """
+    names = list(calls)
+    for name in names:
+        gc.collect()
+        calls[name]()
+    samples = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            samples[name].append(time_call(calls[name]))
+    gc.collect()
+    return {
+        name: TimingStats.from_samples(values)
+        for name, values in samples.items()
+    }
 
 
 def _point_rows(
@@ -649,13 +669,15 @@ def _markdown(document):
 
 _MEMORY_NOTE = """\
 Generate = `generate()` end to end (prefill and decode in one compiled
-program), beside prefill + decode. Peak memory is the growth of the peak
-during one (timed, not the first) prefill or decode call over what lived
-before it: on a CPU the process's peak resident set size (Linux VmHWM,
-reset before the call), which misses memory the C allocator already held
-from earlier calls, so it is a lower bound and noisy for small calls; on a
-GPU the allocator's peak bytes in use (PyTorch, TensorFlow). JAX's
-accelerator peak cannot be reset: not measured there.
+program on JAX and TensorFlow, eager on PyTorch), beside prefill + decode.
+Peak memory is the growth of the peak during one (timed, not the first)
+prefill or decode call over what lived before it: on a CPU the process's
+peak resident set size (Linux VmHWM, reset before the call), which misses
+memory the C allocator (or the backend's) already held from earlier calls,
+so it is a lower bound, noisy for small calls; on a GPU the allocator's
+peak bytes in use (PyTorch, TensorFlow). JAX's accelerator peak cannot be
+reset: not measured there. The garbage collector runs before every call,
+outside the clock, and stays on during it.
 """
 
 

@@ -114,6 +114,19 @@ def test_impossible_options_are_rejected(argv):
         resolved_config(decode, argv)
 
 
+def test_timing_alternates_and_collects_between_calls(monkeypatch):
+    order, collections = [], []
+    monkeypatch.setattr(decode.gc, "collect", lambda: collections.append(1))
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    stats = decode._time(calls, repeats=3)
+    # One untimed round, then three rounds in rotating order.
+    assert order == list("abc" + "abc" + "bca" + "cab")
+    assert {name: stats[name].repeats for name in "abc"} == dict.fromkeys(
+        "abc", 3
+    )
+    assert len(collections) >= len(order)
+
+
 def _row(backend, batch, context, dim, tokens_per_s, original_tokens_per_s):
     row = {
         "kind": "decode",
