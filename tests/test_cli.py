@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from keras_collab import cli
+from keras_collab.conversion.attention import is_collaborative
+from keras_collab.conversion.sites import find_attention_sites
 from keras_collab.hub import preset_files
 from keras_collab.hub import sources
 from keras_collab.hub import text
@@ -303,6 +305,23 @@ def test_unsupported_preprocessor_is_named(tmp_path, capsys):
     assert "No supported text preprocessor" in err
     assert "Seq2SeqLMPreprocessor" in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_convert_with_shared_values(tiny_preset, tmp_path, capsys):
+    output = tmp_path / "shared"
+    code, out, err = _run(
+        capsys, "convert", tiny_preset, "--output", str(output),
+        "--shared-key-dim", "0.5", "--shared-value-dim", "0.5",
+        "--samples", "8", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert {row["shared_value_dim"] for row in report["layers"]} == {8}
+    assert report["vo_params_after"] < report["vo_params_before"]
+    assert report["total_params_after"] < report["total_params_before"]
+    restored = keras_hub.models.Backbone.from_preset(str(output))
+    layers = [s.layer for s in find_attention_sites(restored, is_collaborative)]
+    assert [layer.shared_value_dim for layer in layers] == [8, 8]
 
 
 def _leftovers(directory):

@@ -210,3 +210,93 @@ def test_convert_attention_with_raw_calibration_inputs():
     assert error(aware) < error(plain)
     with pytest.raises(ValueError, match="calibration"):
         convert_attention(mha, shared_key_dim=6, calibration=x[0])
+
+
+def _gated_mha(num_heads=3, key_dim=4, width=12, use_gate=False):
+    mha = keras.layers.MultiHeadAttention(
+        num_heads=num_heads,
+        key_dim=key_dim,
+        bias_initializer="random_normal",
+        use_gate=use_gate,
+    )
+    x = RNG.normal(size=(2, 5, width)).astype("float32")
+    mha(x, x)
+    return mha
+
+
+class TestSharedValues:
+    @pytest.mark.parametrize("use_gate", [False, True])
+    def test_full_size_is_exact(self, use_gate):
+        mha = _gated_mha(use_gate=use_gate)
+        result = convert_attention(mha, shared_value_dim=1.0)
+        assert result.shared_value_dim == 12
+        assert result.value_relative_error < 1e-12
+        x = RNG.normal(size=(2, 6, 12)).astype("float32")
+        np.testing.assert_allclose(
+            _outputs(result.layer, x), _outputs(mha, x), atol=1e-5
+        )
+
+    def test_exact_low_rank_value_side_with_folded_value_bias(self):
+        # Head 2 repeats head 1 on the value/output side, so the products
+        # W_V^h W_O^h have CP rank 8 < 12: a rank-8 conversion must be exact,
+        # the value bias (folded into the output bias) included.
+        mha = _gated_mha()
+        value = _numpy(mha.value_dense.kernel)
+        value[:, 2] = value[:, 1]
+        mha.value_dense.kernel.assign(value)
+        output = _numpy(mha.output_dense.kernel)
+        output[2] = output[1]
+        mha.output_dense.kernel.assign(output)
+        # A unit-scale value bias, so that folding it matters.
+        mha.value_dense.bias.assign(RNG.normal(size=(3, 4)))
+        result = convert_attention(
+            mha, shared_value_dim=8, tol=1e-12, max_iter=2000
+        )
+        assert result.value_relative_error < 1e-5
+        assert result.vo_params_after < result.vo_params_before
+        x = RNG.normal(size=(2, 6, 12)).astype("float32")
+        np.testing.assert_allclose(
+            _outputs(result.layer, x), _outputs(mha, x), atol=1e-4
+        )
+
+    def test_error_falls_as_shared_value_dim_grows(self):
+        mha = _gated_mha(num_heads=4, key_dim=4, width=16)
+        errors = [
+            convert_attention(mha, shared_value_dim=d).value_relative_error
+            for d in (2, 4, 8, 12, 16)
+        ]
+        assert errors[-1] < 1e-6
+        assert all(a >= b - 1e-6 for a, b in zip(errors, errors[1:])), errors
+
+    def test_both_sides_shared_at_once(self):
+        mha = _gated_mha(num_heads=4, key_dim=4, width=16)
+        result = convert_attention(mha, shared_key_dim=8, shared_value_dim=8)
+        assert result.layer.shared_key_dim == 8
+        assert result.layer.shared_value_dim == 8
+        chosen = convert_attention(mha, value_target_error=0.3)
+        assert chosen.value_relative_error <= 0.3
+        assert chosen.shared_value_dim % 4 == 0
+
+    def test_activation_aware_beats_plain_on_its_data(self):
+        mha = _gated_mha(num_heads=4, key_dim=4, width=16)
+        scale = np.ones(16, dtype="float32")
+        scale[:3] = 10.0
+        x = (RNG.normal(size=(8, 6, 16)) * scale).astype("float32")
+        reference = _outputs(mha, x)
+
+        def error(layer):
+            return np.abs(_outputs(layer, x) - reference).mean()
+
+        plain = convert_attention(mha, shared_value_dim=6).layer
+        aware = convert_attention(mha, shared_value_dim=6, calibration=x).layer
+        assert error(aware) < error(plain)
+
+    def test_gate_below_full_size_is_refused(self):
+        mha = _gated_mha(use_gate=True)
+        with pytest.raises(ValueError, match="gate"):
+            convert_attention(mha, shared_value_dim=6)
+
+    @pytest.mark.parametrize("bad", [0, 13, -1, 1.5, "x"])
+    def test_bad_shared_value_dim(self, bad):
+        with pytest.raises(ValueError, match="shared_value_dim"):
+            convert_attention(_gated_mha(), shared_value_dim=bad)

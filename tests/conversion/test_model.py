@@ -130,14 +130,20 @@ def _randomize_biases(model):
             variable.assign(RNG.normal(size=variable.shape) * 0.5)
 
 
+@pytest.mark.parametrize("shared_values", [False, True])
 @pytest.mark.parametrize("architecture", list(_backbones()))
-def test_full_rank_is_exact_for_every_architecture(architecture):
+def test_full_rank_is_exact_for_every_architecture(architecture, shared_values):
     backbone, inputs = _backbones()[architecture]
     _randomize_biases(backbone)
     expected = _flat_outputs(backbone, inputs)
     sites = find_sites(backbone)
     before = [_numpy(w).copy() for w in backbone.weights]
-    result = convert_model(backbone)
+    # Full-size shared values (D̃_v = H·d_v) are exact too.
+    result = convert_model(
+        backbone, shared_value_dim=1.0 if shared_values else None
+    )
+    if shared_values:
+        assert all(c.shared_value_dim for c in result.layers.values())
     assert (
         type(result.model).__name__ == f"Collaborative{type(backbone).__name__}"
     )

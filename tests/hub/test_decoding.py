@@ -198,3 +198,18 @@ def test_reloaded_preset_generates_with_the_compact_cache(
     _, cache = restored._build_cache(inputs["token_ids"])
     assert isinstance(cache, tuple)
     assert _generated(restored, inputs).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "bart"])
+def test_shared_values_shrink_the_cache_and_keep_cached_logits_exact(
+    architecture,
+):
+    converted = convert_model(
+        _task(architecture), shared_key_dim=3, shared_value_dim=4
+    ).model
+    inputs = _full_inputs(_prompt(architecture, length=6))
+    expected = ops.convert_to_numpy(converted(inputs))
+    actual, cache = _cached_logits(converted, inputs)
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
+    # D̃ shared key + H content logits + D̃_v shared values.
+    assert {int(c.shape[-1]) for c in cache} == {3 + 2 + 4}
