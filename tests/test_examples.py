@@ -1,9 +1,14 @@
 """Smoke tests of the examples: each one's `main()`, in-process, with its
 `--quick` setting (and a tiny preset where the example takes a source), on
-every backend. The full runs use the bundled MiniLM; see README.md."""
+every backend; `distributed.py` in a fresh JAX process with 8 virtual CPU
+devices. The full runs use the bundled MiniLM; see README.md."""
 
 import importlib.util
+import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +79,52 @@ def test_generate_with_converted_gpt2():
     }
     for texts in result["generated"].values():
         assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+@pytest.mark.skipif(
+    BACKEND != "jax",
+    reason="keras.distribution is implemented for JAX only (TensorFlow's "
+    "distribution_lib is a 'do not use' prototype, PyTorch has none)",
+)
+def test_distributed_on_8_virtual_cpu_devices():
+    # A fresh process: XLA reads the device count when JAX starts.
+    environ = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "distributed.py"), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8 and result["mesh"] == [2, 4]
+    assert result["converted_class"] == "CollaborativeBertTextClassifier"
+    # Data parallel: the one-device steps, the weights replicated.
+    assert result["data_parallel_loss"] == pytest.approx(
+        result["single_device_loss"], rel=1e-5
+    )
+    assert result["data_parallel_replicated"]
+    assert result["data_parallel_max_weight_difference"] < 1e-5
+    # Model parallel: heads split over 'model', the one-device outputs.
+    for difference in result["model_parallel_max_abs_difference"].values():
+        assert difference < 1e-5
+    specs = result["model_parallel_specs"]
+    split = {
+        "mixing": ["model", None],
+        "value/kernel": [None, "model", None],
+        "value_mixing": ["model", None],
+    }
+    for kind, names in (
+        ("per-head values", ("mixing", "value/kernel")),
+        ("shared values", ("mixing", "value_mixing")),
+    ):
+        paths = specs[kind]
+        assert len(paths) == 2
+        for name in names:
+            (spec,) = [s for p, s in paths.items() if p.endswith("/" + name)]
+            assert spec == split[name], (kind, name)
