@@ -18,14 +18,17 @@ starts unless `XLA_FLAGS` is already set. The example
    `keras.distribution.DataParallel` over all devices (each batch split
    over them, the weights replicated) and compares the losses with the same
    fit on one device;
-3. model parallel: `get_layout_map` splits the heads of every attention
-   layer over the `"model"` axis of a `(batch, model)` device mesh: the
-   mixing vectors, the content bias, the per-head values and the output
-   projection. The shared query/key projections, which every head reads,
-   are replicated, as the one key/value head of multi-query attention is.
-   Under `keras.distribution.ModelParallel` the converted classifier is
-   rebuilt with those layouts, and its outputs are compared with the
-   single-device ones.
+3. model parallel: the converted backbone's `get_layout_map` (its class,
+   `CollaborativeBertBackbone`, is a twin of `BertBackbone`; the layouts of
+   its attention come from `keras_collab.get_layout_map`) splits the heads
+   of every attention layer over the `"model"` axis of a `(batch, model)`
+   device mesh: the mixing vectors, the content bias, the per-head values
+   and the output projection. The shared query/key projections, which
+   every head reads, are replicated, as the one key/value head of
+   multi-query attention is. The feed-forward blocks are split as KerasHub
+   splits Llama's. Under `keras.distribution.ModelParallel` the converted
+   classifier is rebuilt with those layouts, and its outputs are compared
+   with the single-device ones.
 """
 
 import os
@@ -46,56 +49,6 @@ from keras_collab.hub import sources  # noqa: E402
 from keras_collab.hub import text  # noqa: E402
 
 BATCH = 16
-
-
-def get_layout_map(device_mesh, model_dim="model", shared_values=False):
-    """A `keras.distribution.LayoutMap` that splits attention heads over
-    `model_dim`, for collaborative layers (and Keras MHA layers alike).
-
-    Weights, by path (any layer), and how they are split:
-
-        mixing                   (H, D̃)          heads
-        content_bias             (D_k, H)        heads
-        value/kernel             (D_v, H, d_v)   heads
-        value/bias               (H, d_v)        heads
-        attention_output/kernel  (H, d_v, D)     heads
-        query/*, key/kernel      (D, D̃)          replicated (shared)
-
-    With shared values (`shared_values=True`) the value projection
-    `(D_v, D̃_v)` and the output `(D̃_v, D)` are shared by all heads and
-    replicated; their mixing `value_mixing (H, D̃_v)` is split by heads.
-    Other weights are replicated. `H` must be a multiple of the mesh's
-    `model_dim` size.
-
-    Example, on a `(batch, model)` mesh:
-
-    ```python
-    mesh = keras.distribution.DeviceMesh(
-        (2, 4), ("batch", "model"), keras.distribution.list_devices()
-    )
-    distribution = keras.distribution.ModelParallel(
-        layout_map=get_layout_map(mesh), batch_dim_name="batch"
-    )
-    with distribution.scope():
-        model = keras_hub.models.Backbone.from_preset("converted_preset")
-    ```
-    """
-    if model_dim not in device_mesh.axis_names:
-        raise ValueError(
-            f"'{model_dim}' is not an axis of the device mesh "
-            f"{device_mesh.axis_names}."
-        )
-    heads = model_dim
-    layout_map = keras.distribution.LayoutMap(device_mesh)
-    layout_map[r".*/mixing$"] = (heads, None)
-    layout_map[r".*/content_bias$"] = (None, heads)
-    if shared_values:
-        layout_map[r".*/value_mixing$"] = (heads, None)
-    else:
-        layout_map[r".*/value/kernel$"] = (None, heads, None)
-        layout_map[r".*/value/bias$"] = (heads, None)
-        layout_map[r".*/attention_output/kernel$"] = (heads, None, None)
-    return layout_map
 
 
 def parse_args(argv=None):
@@ -260,8 +213,11 @@ def main(argv=None):
         ("per-head values", model, False),
         ("shared values", shared, True),
     ):
+        backbone_cls = type(candidate.backbone)  # the collaborative twin
         model_parallel = keras.distribution.ModelParallel(
-            layout_map=get_layout_map(mesh, shared_values=shared_values),
+            layout_map=backbone_cls.get_layout_map(
+                mesh, shared_values=shared_values
+            ),
             batch_dim_name="batch",
         )
         expected = keras.ops.convert_to_numpy(candidate(inputs))

@@ -25,6 +25,7 @@ with _cli.quiet_backend_startup(_cli.invoked_as_command()):
     from keras_collab.layers import CollaborativeMultiHeadAttention
     from keras_collab.layers import CollaborativeQueryKey
     from keras_collab.layers import ConcatenateMixing
+    from keras_collab.layers import get_layout_map
 
     # With KerasHub installed, register the collaborative twins of its
     # backbones, tasks and tokenizers now, so that `from_preset` can load
@@ -42,5 +43,6 @@ __all__ = [
     "convert_attention",
     "convert_model",
     "distill",
+    "get_layout_map",
     "__version__",
 ]

@@ -34,6 +34,7 @@ from keras_collab.hub.decoding import decoding_mixin
 from keras_collab.layers.collaborative_multi_head_attention import (
     mha_input_shapes,
 )
+from keras_collab.layers.distribution import get_layout_map
 from keras_collab.layers.weights import copy_weights
 from keras_collab.layers.weights import unshared_copy
 
@@ -87,6 +88,104 @@ class CollaborativeBackboneMixin:
         config = super().get_config()
         config["collaborative_attention"] = self.collaborative_attention
         return config
+
+    @classmethod
+    def get_layout_map(
+        cls,
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+        shared_values=False,
+        shard_embeddings=False,
+    ):
+        """A `keras.distribution.LayoutMap` for this collaborative backbone.
+
+        As KerasHub's `LlamaBackbone.get_layout_map`, for
+        `keras.distribution.ModelParallel`: build or load the backbone (or
+        a task around it) under the distribution's scope and its weights
+        are created with these layouts.
+
+        * Attention: `keras_collab.get_layout_map`, heads split over the
+          model axis, the shared query/key projections replicated (its
+          docstring explains why).
+        * Feed-forward blocks of KerasHub's `TransformerEncoder` and
+          `TransformerDecoder` (BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2,
+          OPT, BART, ...), as KerasHub shards Llama's: the intermediate
+          kernel `(D, F)` over `(data, model)`, the output kernel `(F, D)`
+          over `(model, data)`. Feed-forward layers named otherwise are
+          replicated.
+        * The token embedding `(V, D)`: replicated, unless
+          `shard_embeddings=True`, which splits it as KerasHub's Llama and
+          Gemma do, `(model, data)`. That needs `V` to be a multiple of the
+          model axis size, which the vocabularies of the backbones with
+          Keras attention layers rarely are (BERT's 30522 splits in 2, not
+          4; GPT-2's 50257 in none).
+
+        The twin of a backbone whose KerasHub class has a layout of its own
+        (Llama, Gemma, Qwen) returns that layout: their attention layers
+        are not Keras `MultiHeadAttention` layers, which conversion
+        replaces, so the twin's weights are the original's.
+
+        Args:
+            device_mesh: A `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: The mesh axis the weights are split
+                over.
+            data_parallel_dim_name: The mesh axis the batch is split over.
+            shared_values: Whether the conversion shared the values
+                (`shared_value_dim`); see `keras_collab.get_layout_map`.
+            shard_embeddings: Whether to split the token embedding.
+
+        Returns:
+            A `keras.distribution.LayoutMap`.
+
+        Example:
+
+        ```python
+        mesh = keras.distribution.DeviceMesh(
+            (2, 4), ("batch", "model"), keras.distribution.list_devices()
+        )
+        backbone_cls = keras_collab.hub.twins.collaborative_backbone_class(
+            keras_hub.models.BertBackbone
+        )
+        distribution = keras.distribution.ModelParallel(
+            layout_map=backbone_cls.get_layout_map(mesh),
+            batch_dim_name="batch",
+        )
+        with distribution.scope():
+            classifier = keras_hub.models.TextClassifier.from_preset(
+                "converted_preset", num_classes=2
+            )
+        ```
+        """
+        own = _keras_hub_layout_map(cls)
+        if own is not None:
+            return own(
+                device_mesh,
+                model_parallel_dim_name=model_parallel_dim_name,
+                data_parallel_dim_name=data_parallel_dim_name,
+            )
+        model, data = model_parallel_dim_name, data_parallel_dim_name
+        layout_map = get_layout_map(
+            device_mesh, model, data, shared_values=shared_values
+        )
+        layout_map[r".*feedforward_intermediate_dense/kernel"] = (data, model)
+        layout_map[r".*feedforward_output_dense/kernel"] = (model, data)
+        if shard_embeddings:
+            layout_map[r"(.*/)?token_embedding/embeddings"] = (model, data)
+        return layout_map
+
+
+def _keras_hub_layout_map(cls):
+    """The `get_layout_map` that KerasHub defines on a base class of the
+    twin `cls`, or `None`."""
+    for base in cls.__mro__:
+        if (
+            issubclass(base, keras_hub.models.Backbone)
+            and not issubclass(base, CollaborativeBackboneMixin)
+            and "get_layout_map" in vars(base)
+        ):
+            return base.get_layout_map
+    return None
 
 
 @contextlib.contextmanager

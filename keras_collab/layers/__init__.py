@@ -1,5 +1,6 @@
 """Keras layers of keras-collab: the collaborative attention layer, its
-cached twin for KerasHub decoders, and the mixing initializers."""
+cached twin for KerasHub decoders, the mixing initializers, and the
+layouts of their weights for `keras.distribution`."""
 
 from keras_collab.layers.cached_collaborative_multi_head_attention import (
     CachedCollaborativeMultiHeadAttention,
@@ -13,6 +14,7 @@ from keras_collab.layers.collaborative_multi_head_attention import (
 from keras_collab.layers.collaborative_multi_head_attention import (
     CollaborativeValueOutput,
 )
+from keras_collab.layers.distribution import get_layout_map
 from keras_collab.layers.initializers import ConcatenateMixing
 
 __all__ = [
@@ -21,4 +23,5 @@ __all__ = [
     "CollaborativeQueryKey",
     "CollaborativeValueOutput",
     "ConcatenateMixing",
+    "get_layout_map",
 ]
