@@ -1,181 +1,79 @@
 """Text for calibration and evaluation, and its encoding into batches.
 
-The built-in corpus needs no download: English sentences from the
-docstrings of Python's standard library, read at run time. `encode` turns
+The built-in corpus needs no download. `builtin_corpus` reads English
+sentences from the docstrings of Python's standard library at run time;
+`calibration_and_held_out` draws calibration and held-out texts from the
+several domains of `keras_collab.hub.corpus`. `encode` turns
 texts into the backbone inputs of a KerasHub preprocessor, batched by
 length and trimmed to their longest text. An encoder-decoder reads each
 text as both its encoder text and its decoder text, so that the
 self-attention of both stacks and the cross-attention all see real text.
 """
 
-import importlib
-import inspect
-import random
-import re
-
 import keras
 import numpy as np
 
+from keras_collab.hub import corpus
+from keras_collab.hub.corpus import builtin_corpus  # noqa: F401
 from keras_collab.hub.sources import is_seq2seq
-
-# Standard-library modules with long, well-written English docstrings.
-# `inspect` is left out: PyTorch replaces some of its functions at import.
-_CORPUS_MODULES = (
-    "argparse",
-    "asyncio",
-    "calendar",
-    "collections",
-    "concurrent.futures",
-    "configparser",
-    "contextlib",
-    "csv",
-    "dataclasses",
-    "datetime",
-    "decimal",
-    "difflib",
-    "email",
-    "enum",
-    "fractions",
-    "functools",
-    "gettext",
-    "heapq",
-    "http.client",
-    "http.server",
-    "imaplib",
-    "ipaddress",
-    "json",
-    "logging",
-    "mailbox",
-    "multiprocessing",
-    "pathlib",
-    "pickle",
-    "pydoc",
-    "queue",
-    "random",
-    "sched",
-    "shutil",
-    "smtplib",
-    "socket",
-    "socketserver",
-    "sqlite3",
-    "statistics",
-    "string",
-    "subprocess",
-    "tarfile",
-    "tempfile",
-    "textwrap",
-    "threading",
-    "timeit",
-    "tokenize",
-    "typing",
-    "unittest",
-    "urllib.parse",
-    "urllib.request",
-    "uuid",
-    "warnings",
-    "weakref",
-    "xml.dom.minidom",
-    "zipfile",
-)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-
-
-def _defined_in(member, module):
-    """Whether `member` is the module's own, not a replacement patched in.
-
-    Some libraries (PyTorch) replace standard-library functions at import;
-    their docstrings must not leak in, or the corpus would depend on what
-    else is imported.
-    """
-    if getattr(member, "__module__", None) != module.__name__:
-        return False
-    code = getattr(member, "__code__", None)
-    return code is None or code.co_filename == getattr(module, "__file__", None)
-
-
-def _docstrings(module):
-    yield inspect.getdoc(module) or ""
-    for _, member in inspect.getmembers(module):
-        if not _defined_in(member, module):
-            continue
-        if inspect.isclass(member) or inspect.isfunction(member):
-            yield inspect.getdoc(member) or ""
-            if inspect.isclass(member):
-                for _, method in inspect.getmembers(member, inspect.isfunction):
-                    yield inspect.getdoc(method) or ""
-
-
-def _sentences(text):
-    # Paragraphs first: docstrings wrap lines inside a sentence.
-    for paragraph in re.split(r"\n\s*\n", text):
-        flat = " ".join(paragraph.split())
-        for sentence in _SENTENCE_END.split(flat):
-            words = sentence.split()
-            if (
-                8 <= len(words) <= 40
-                and sentence[0].isupper()
-                and sentence.endswith(".")
-                and sentence.isascii()
-                and not any(c in sentence for c in "{}[]<>=|\\")
-            ):
-                yield sentence
-
-
-def builtin_corpus(count=None, seed=0):
-    """English sentences from the standard library's docstrings.
-
-    Deterministic for a given Python version: modules are read in a fixed
-    order, duplicates dropped, and the result shuffled with `seed`.
-
-    Args:
-        count: How many sentences to return (all when `None`).
-        seed: Seed of the shuffle.
-
-    Returns:
-        A list of strings.
-
-    Example:
-
-    >>> sentences = builtin_corpus(4)
-    >>> len(sentences)
-    4
-    """
-    seen, corpus = set(), []
-    for name in _CORPUS_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # a trimmed Python build may lack a module
-            continue
-        for doc in _docstrings(module):
-            for sentence in _sentences(doc):
-                if sentence not in seen:
-                    seen.add(sentence)
-                    corpus.append(sentence)
-    random.Random(seed).shuffle(corpus)
-    return corpus if count is None else corpus[:count]
 
 
 def calibration_and_held_out(samples, calibration_file=None, held_out=64):
-    """Calibration texts, and held-out texts never used for calibration.
+    """Calibration texts, and held-out texts of other domains.
+
+    The domain split is `keras_collab.hub.corpus`'s: calibration texts come
+    from `CALIBRATION_DOMAINS`, held-out texts from `HELD_OUT_DOMAINS`,
+    which calibration, refinement and distillation never see.
 
     Args:
         samples: How many calibration texts.
         calibration_file: Optional text file, one calibration text per line;
-            by default the first `samples` sentences of `builtin_corpus()`.
-        held_out: How many held-out texts: sentences of the built-in corpus
-            that are not calibration texts (those after the calibration
-            block, with the built-in corpus).
+            by default the first `samples` texts of
+            `corpus.calibration_texts()` (every calibration domain in turn).
+        held_out: How many held-out texts in all, the same number from each
+            held-out domain (see `held_out_by_domain`), taken in turn.
+            Texts of the calibration file are left out.
 
     Returns:
         `(calibration texts, held-out texts)`.
     """
-    corpus = builtin_corpus()
+    calibration = calibration_texts(samples, calibration_file)
+    by_domain = held_out_by_domain(held_out, exclude=calibration)
+    return calibration, _in_turn(list(by_domain.values()))
+
+
+def calibration_texts(samples, calibration_file=None):
+    """The first `samples` lines of `calibration_file`, or by default the
+    first `samples` texts of `corpus.calibration_texts()`."""
     if calibration_file:
-        calibration = read_texts(calibration_file)[:samples]
-        used = set(calibration)
-        evaluation = [text for text in corpus if text not in used]
-        return calibration, evaluation[:held_out]
-    return corpus[:samples], corpus[samples : samples + held_out]
+        return read_texts(calibration_file)[:samples]
+    return corpus.calibration_texts(samples)
+
+
+def held_out_by_domain(total, exclude=()):
+    """`{held-out domain: texts}`, `total // len(HELD_OUT_DOMAINS)` of each
+    (see `keras_collab.hub.corpus`), without the texts of `exclude`."""
+    domains = corpus.HELD_OUT_DOMAINS
+    per_domain = total // len(domains)
+    if per_domain < 1:
+        raise ValueError(
+            f"Need at least {len(domains)} held-out texts, one per held-out "
+            f"domain {domains}. Received: {total}"
+        )
+    excluded = set(exclude)
+    pools = corpus.held_out_texts(per_domain + len(excluded), domains)
+    return {
+        name: [t for t in texts if t not in excluded][:per_domain]
+        for name, texts in pools.items()
+    }
+
+
+def _in_turn(lists):
+    """The items of `lists`, one of each in turn."""
+    longest = max((len(items) for items in lists), default=0)
+    return [
+        items[i] for i in range(longest) for items in lists if i < len(items)
+    ]
 
 
 def _preprocessor_inputs(preprocessor, texts):
