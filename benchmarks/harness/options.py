@@ -1,5 +1,7 @@
 """Command-line options of the suites, laid over their configurations."""
 
+import argparse
+
 
 def integers(text):
     """Parses an option of comma-separated integers, e.g. `96,192`.
@@ -7,6 +9,37 @@ def integers(text):
     `""` gives `[]`, so that a list option can be emptied on the command line.
     """
     return [int(item) for item in text.split(",") if item.strip()]
+
+
+def integers_or_none(text):
+    """Parses comma-separated positive integers where `none` stands for
+    `None`, e.g. `none,192,96` (a size axis whose `None` keeps the
+    original's structure, such as per-head values).
+
+    Raises:
+        argparse.ArgumentTypeError: naming an entry that is neither.
+    """
+    values = []
+    for item in (part.strip() for part in text.split(",")):
+        if item.lower() == "none":
+            values.append(None)
+        elif item:
+            values.append(positive_integer(item))
+    return values
+
+
+def positive_integer(text):
+    """Parses one positive integer, or raises `argparse.ArgumentTypeError`
+    naming the entry."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'none'; received {text!r}"
+        )
+    return value
 
 
 def add_threads_argument(parser):

@@ -25,11 +25,18 @@ files (held out from training, the loss curve and calibration) it reports:
   at the same position, the mean fraction before the first difference, and
   the fraction of continuations identical throughout.
 
+Shared values (`--value-divisors`): every D̃ is crossed with D̃_v =
+H·d_v / n for each n given (`none`: per-head values, the default), converted
+with `shared_value_dim=D̃_v`; the distillation then trains the value side
+too. The rows also give the value/output parameters and the compact cache
+per token (D̃ + H content logits + D̃_v, or H·d_v) with the values' share.
+
 Results: `decoder_quality_<backend>.{json,md,png}` in the output folder;
 the committed full run is in `benchmarks/results/decoder_quality/` (see
 benchmarks/README.md for its command).
 """
 
+import itertools
 import math
 import os
 import tempfile
@@ -43,6 +50,7 @@ from benchmarks.harness.markdown import markdown_table
 from benchmarks.harness.options import add_threads_argument
 from benchmarks.harness.options import config_with_options
 from benchmarks.harness.options import integers
+from benchmarks.harness.options import integers_or_none
 from benchmarks.harness.plots import label_dimensions
 from benchmarks.harness.plots import new_figure
 from benchmarks.harness.plots import save_figure
@@ -50,6 +58,7 @@ from benchmarks.harness.result_files import RESULTS_DIR
 from benchmarks.harness.result_files import write_text
 from benchmarks.harness.run import start_run
 from benchmarks.harness.threads import limit_cpu_threads
+from benchmarks.workloads import compression
 
 SUITE = "decoder_quality"
 METHODS = ("activation_aware", "distilled")
@@ -78,6 +87,8 @@ FULL = {
     },
     # D̃ = H·d_k / divisor.
     "divisors": [1, 2, 4, 8],
+    # D̃_v = H·d_v / divisor, crossed with every D̃; None: per-head values.
+    "value_divisors": [None],
     "calibration_windows": 256,
     "calibration_batch_size": 16,
     "calibration_seed": 1,
@@ -137,6 +148,12 @@ def add_arguments(parser):
         help="D̃ = H·d_k / divisor for each (default 1,2,4,8).",
     )
     parser.add_argument(
+        "--value-divisors",
+        type=integers_or_none,
+        help="Shared values: D̃_v = H·d_v / divisor for each, crossed with "
+        "every D̃, e.g. none,2,4 ('none': per-head values; the default).",
+    )
+    parser.add_argument(
         "--distill-steps",
         type=int,
         help="Distillation steps below full size (default 150; 0: none).",
@@ -151,6 +168,7 @@ def add_arguments(parser):
 _OPTIONS = (
     "preset",
     "divisors",
+    "value_divisors",
     "distill_steps",
     "distill_learning_rate",
     "threads",
@@ -164,6 +182,10 @@ def resolve_config(args):
     if getattr(args, "steps", None) is not None:
         config["training"]["steps"] = args.steps
     config["retrain"] = bool(getattr(args, "retrain", False))
+    if not config["value_divisors"]:
+        raise SystemExit(
+            "--value-divisors is empty; 'none' keeps per-head values."
+        )
     if config["threads"] == 0:
         config["threads"] = None
     return config
@@ -272,21 +294,43 @@ def _rows(config, bench):
     full = config["original"]["num_heads"] * config["original"]["head_dim"]
     yield {
         "shared_key_dim": full,
+        "shared_value_dim": None,
         "method": "original",
         "nll": reference_nll,
         "perplexity": math.exp(reference_nll),
         "evaluation_s": round(time.perf_counter() - began, 1),
     }
     measure = _Measure(reference, reference_nll, reference_continuations)
-    for divisor in config["divisors"]:
-        if full % divisor:
-            raise SystemExit(f"H·d_k = {full} is not divisible by {divisor}.")
-        shared_key_dim = full // divisor
-        yield _converted(config, bench, measure, shared_key_dim, 0)
-        if config["distill_steps"] and shared_key_dim < full:
+    # GPT-2's value heads are as wide as its key heads.
+    for point in grid(config, full, full):
+        yield _converted(config, bench, measure, point, 0)
+        exact = point["shared_key_dim"] == full and point[
+            "shared_value_dim"
+        ] in (None, full)
+        if config["distill_steps"] and not exact:
             yield _converted(
-                config, bench, measure, shared_key_dim, config["distill_steps"]
+                config, bench, measure, point, config["distill_steps"]
             )
+
+
+def grid(config, full_key, full_value):
+    """The (D̃, D̃_v) points, every D̃ crossed with every D̃_v, from the
+    divisors of H·d_k and H·d_v (`None`: per-head values)."""
+    points = []
+    for divisor in config["divisors"]:
+        key = _divided(full_key, divisor, "H·d_k")
+        for value_divisor in config["value_divisors"]:
+            value = None
+            if value_divisor is not None:
+                value = _divided(full_value, value_divisor, "H·d_v")
+            points.append({"shared_key_dim": key, "shared_value_dim": value})
+    return points
+
+
+def _divided(full, divisor, name):
+    if full % divisor:
+        raise SystemExit(f"{name} = {full} is not divisible by {divisor}.")
+    return full // divisor
 
 
 class _Measure:
@@ -333,14 +377,16 @@ def _log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _converted(config, bench, measure, shared_key_dim, distill_steps):
-    """Converts the original at one D̃, with or without distillation."""
+def _converted(config, bench, measure, point, distill_steps):
+    """Converts the original at one (D̃, D̃_v) point, with or without
+    distillation."""
     import keras_collab
 
     began = time.perf_counter()
     result = keras_collab.convert_model(
         bench.causal_lm,
-        shared_key_dim,
+        point["shared_key_dim"],
+        shared_value_dim=point["shared_value_dim"],
         calibration_data=bench.calibration,
         distill_steps=distill_steps,
         distill_learning_rate=config["distill_learning_rate"],
@@ -348,14 +394,27 @@ def _converted(config, bench, measure, shared_key_dim, distill_steps):
     conversion_s = time.perf_counter() - began
     began = time.perf_counter()
     measured = measure(result.model, bench, config)
-    errors = [c.relative_error for c in result.layers.values()]
+    conversions = list(result.layers.values())
+    errors = [c.relative_error for c in conversions]
+    value_errors = [
+        c.value_relative_error
+        for c in conversions
+        if c.value_relative_error is not None
+    ]
     row = {
-        "shared_key_dim": shared_key_dim,
+        **point,
         "method": "distilled" if distill_steps else "activation_aware",
         **measured,
         "median_relative_error": float(np.median(errors)),
+        "median_value_relative_error": (
+            float(np.median(value_errors)) if value_errors else None
+        ),
         "qk_params_before": int(result.qk_params_before),
         "qk_params_after": int(result.qk_params_after),
+        "vo_params_before": int(sum(c.vo_params_before for c in conversions)),
+        "vo_params_after": int(sum(c.vo_params_after for c in conversions)),
+        "parameters": int(result.model.count_params()),
+        **compression.decode_cache([c.layer for c in conversions]),
         "conversion_s": round(conversion_s, 1),
         "evaluation_s": round(time.perf_counter() - began, 1),
     }
@@ -365,8 +424,10 @@ def _converted(config, bench, measure, shared_key_dim, distill_steps):
 
 
 def _progress_line(row):
+    values = row.get("shared_value_dim")
+    values = "" if values is None else f"/D̃_v={values}"
     line = (
-        f"D̃={row['shared_key_dim']} {row['method']}: perplexity "
+        f"D̃={row['shared_key_dim']}{values} {row['method']}: perplexity "
         f"{row['perplexity']:.4f}"
     )
     if row["method"] == "original":
@@ -467,7 +528,9 @@ def _method_paragraph(config):
         f"files (batches of {config['calibration_batch_size']}); distilled: "
         f"the same with `distill_steps={config['distill_steps']}` "
         f"(learning rate {config['distill_learning_rate']}; MSE of the "
-        "logits, only the collaborative query/key weights trained). "
+        "logits, only the collaborative query/key weights trained, and the "
+        "value/output weights where values are shared). "
+        f"{_values_sentence(config)}"
         f"Held out: {text.get('test_files')} test files "
         f"({text.get('test_chars')} characters), seen by neither training, "
         f"its loss curve nor calibration: {config['held_out_windows']} "
@@ -476,6 +539,19 @@ def _method_paragraph(config):
         f"characters continued greedily for {config['continuation_length']}"
         " characters by `generate()` (greedy sampler; converted models use "
         "the compact cache)."
+    )
+
+
+def _values_sentence(config):
+    divisors = config.get("value_divisors", [None])
+    if divisors == [None]:
+        return ""
+    named = ", ".join(
+        "per-head values" if d is None else f"H·d_v/{d}" for d in divisors
+    )
+    return (
+        f"Shared values: every D̃ crossed with D̃_v in {named} "
+        "(`shared_value_dim`). "
     )
 
 
@@ -503,6 +579,7 @@ def _results_table(rows):
         [
             "backend",
             "D̃:",
+            "D̃_v:",
             "method",
             "perplexity:",
             "× original:",
@@ -512,12 +589,16 @@ def _results_table(rows):
             "greedy prefix:",
             "identical:",
             "QK params:",
+            "VO params:",
+            "cache / token:",
+            "value share:",
             "conversion s:",
         ],
         [
             (
                 r["backend"],
                 r["shared_key_dim"],
+                _value_cell(r),
                 r["method"],
                 f"{r['perplexity']:.4f}",
                 _cell(r, "perplexity_ratio", "{:.4f}"),
@@ -527,11 +608,19 @@ def _results_table(rows):
                 _cell(r, "prefix_agreement", "{:.4f}"),
                 _cell(r, "identical", "{:.3f}"),
                 _cell(r, "qk_params_after", "{:,}"),
+                _cell(r, "vo_params_after", "{:,}"),
+                _cell(r, "cache_per_token", "{:,}"),
+                _cell(r, "value_cache_share", "{:.3f}"),
                 _cell(r, "conversion_s", "{:.1f}"),
             )
             for r in rows
         ],
     )
+
+
+def _value_cell(row):
+    value = row.get("shared_value_dim")
+    return "per head" if value is None else value
 
 
 def _cell(row, key, form):
@@ -548,8 +637,13 @@ _RESULTS_NOTE = (
     "characters equal to the original's at the same position; \"greedy "
     'prefix": mean fraction of a continuation before its first difference; '
     '"identical": continuations identical throughout. "QK params": query/'
-    'key parameters of the converted attention layers. "conversion s": '
-    "`convert_model` (calibration pass, decomposition, distillation)."
+    'key parameters of the converted attention layers, "VO params" their '
+    'value/output parameters. "cache / token": numbers the compact decode '
+    "cache keeps per token over all layers (D̃ + H content logits below "
+    "full D̃ + D̃_v, or H·d_v with per-head values; KerasHub's cache keeps "
+    '2·H·d_k per layer); "value share": the values\' fraction of it. '
+    '"conversion s": `convert_model` (calibration pass, decomposition, '
+    "distillation)."
 )
 
 
@@ -562,24 +656,38 @@ def _plot(document, path):
     dims = sorted(
         {r["shared_key_dim"] for r in rows if r["method"] != "original"}
     )
+    # Per-head values first, then shared values by size.
+    value_dims = sorted(
+        {r.get("shared_value_dim") for r in rows},
+        key=lambda d: (d is not None, d or 0),
+    )
     for backend in backends:
         mine = [r for r in rows if r["backend"] == backend]
         original = next((r for r in mine if r["method"] == "original"), None)
-        for method, style in zip(METHODS, ("o-", "D--")):
+        for (method, style), (index, value_dim) in itertools.product(
+            zip(METHODS, ("o-", "D--")), enumerate(value_dims)
+        ):
             points = sorted(
-                (r for r in mine if r["method"] == method),
+                (
+                    r
+                    for r in mine
+                    if r["method"] == method
+                    and r.get("shared_value_dim") == value_dim
+                ),
                 key=lambda r: r["shared_key_dim"],
             )
             if not points:
                 continue
             x = [r["shared_key_dim"] for r in points]
-            label = f"{method} ({backend})"
-            axes[0][1].plot(
-                x, [r["perplexity"] for r in points], style, label=label
-            )
-            axes[0][2].plot(
-                x, [r["token_agreement"] for r in points], style, label=label
-            )
+            label = f"{method}{_value_label(value_dims, value_dim)} ({backend})"
+            for ax, key in zip(axes[0][1:], ("perplexity", "token_agreement")):
+                ax.plot(
+                    x,
+                    [r[key] for r in points],
+                    style,
+                    color=f"C{index % 10}",
+                    label=label,
+                )
         if original is not None:
             axes[0][1].axhline(
                 original["perplexity"],
@@ -597,8 +705,18 @@ def _plot(document, path):
         ax.set_xlabel("D̃ (shared_key_dim)")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
-    figure.suptitle("Converted character GPT-2 vs. D̃", fontsize=10)
+    title = "Converted character GPT-2 vs. D̃"
+    if value_dims != [None]:
+        title += " and D̃_v (colours)"
+    figure.suptitle(title, fontsize=10)
     save_figure(figure, path)
+
+
+def _value_label(value_dims, value_dim):
+    """The D̃_v part of a legend entry, where shared values were run."""
+    if value_dims == [None]:
+        return ""
+    return ", per-head values" if value_dim is None else f", D̃_v={value_dim}"
 
 
 def _plot_training(ax, points):

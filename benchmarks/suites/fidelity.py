@@ -21,14 +21,26 @@ for:
   `sequence_output` over real tokens, Adam, only the collaborative layers'
   query/key/mixing/content-bias weights trained; 300 steps).
 
+Shared values (`--value-dims`): each D̃ is crossed with each D̃_v
+(`shared_value_dim`; `none` keeps per-head values, the default), converted
+as `convert_model(backbone, D̃, shared_value_dim=D̃_v, ...)`; the rows then
+also give the value/output parameters and what a decoder of this shape
+would cache per token (D̃ + H content logits + D̃_v) with the value side's
+share of it. The published procedure has no value side: it runs only where
+values stay per head. With shared values refinement uses the `output`
+objective (the `attention` one does not see the values) unless
+`--refine-objective` says otherwise.
+
 The defaults fit the full benchmark set in 30 minutes; the options reproduce
-the longer run of `benchmarks/results/fidelity_targets` (see
+the longer run of `benchmarks/results/fidelity_targets` and the shared-value
+run of `benchmarks/results/fidelity_shared_values` (see
 benchmarks/README.md).
 
 Results: `fidelity_<backend>.{json,md,png}`.
 """
 
 import gc
+import itertools
 import time
 
 import numpy as np
@@ -39,9 +51,12 @@ from benchmarks.harness.markdown import markdown_table
 from benchmarks.harness.options import add_threads_argument
 from benchmarks.harness.options import config_with_options
 from benchmarks.harness.options import integers
+from benchmarks.harness.options import integers_or_none
+from benchmarks.harness.options import positive_integer
 from benchmarks.harness.run import start_run
 from benchmarks.harness.threads import limit_cpu_threads
 from benchmarks.suites import minilm_report
+from benchmarks.workloads import compression
 
 SUITE = "fidelity"
 METHODS = (
@@ -51,16 +66,23 @@ METHODS = (
     "refined",
     "distilled",
 )
-# The issue's targets: (D̃, metric, threshold).
+# The issues' targets: (D̃, D̃_v, metric, threshold); D̃_v None: per-head
+# values. The shared-value one is a goal of issue 12 for the full recipe.
 TARGETS = (
-    (384, "min_cosine", 0.99999),
-    (192, "mean_cosine", 0.995),
-    (96, "mean_cosine", 0.99),
-    (96, "spearman_pairwise", 0.99),
+    (384, None, "min_cosine", 0.99999),
+    (192, None, "mean_cosine", 0.995),
+    (96, None, "mean_cosine", 0.99),
+    (96, None, "spearman_pairwise", 0.99),
+    (192, 192, "mean_cosine", 0.99),
 )
+REFINE_OBJECTIVES = ("auto", "attention", "output")
 
 FULL = {
     "shared_key_dims": [48, 96, 192, 384],
+    # D̃_v of shared values, crossed with every D̃; None: per-head values.
+    "value_dims": [None],
+    # Explicit points (`--points`) instead of that product; None: product.
+    "points": None,
     "methods": list(METHODS),
     # The published code: parafac(..., init="random", tol=1e-6). It runs
     # TensorLy's default n_iter_max=100, which took 8 min per D̃ on 2 cores;
@@ -79,6 +101,8 @@ FULL = {
     "train_dims": [96],
     "refine_steps": 150,
     "refine_learning_rate": 1e-3,
+    # auto: "attention" with per-head values, "output" with shared values.
+    "refine_objective": "auto",
     # Measured on the D̃ = 96 target (held-out Spearman after 100 / 300 /
     # 600 steps at 1e-4: 0.9891 / 0.9897 / 0.9899; 3e-4 overfits, 0.9881
     # at 300): a small learning rate.
@@ -104,11 +128,48 @@ QUICK = {
 }
 
 
+def points(text):
+    """Parses `--points` and `--train-dims`: `D̃` (per-head values) or
+    `D̃:D̃_v` entries, e.g. `96,192:192`; the pairs stay strings, as they
+    are written."""
+    entries = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if ":" in item:
+            key, value = item.split(":", 1)
+            key, value = positive_integer(key), positive_integer(value)
+            entries.append(f"{key}:{value}")
+        else:
+            entries.append(positive_integer(item))
+    return entries
+
+
+def train_entry(shared_key_dim, shared_value_dim):
+    """The `train_dims` entry of one grid point."""
+    if shared_value_dim is None:
+        return shared_key_dim
+    return f"{shared_key_dim}:{shared_value_dim}"
+
+
 def add_arguments(parser):
     parser.add_argument(
         "--shared-key-dims",
         type=integers,
         help="D̃ values, e.g. 96,192.",
+    )
+    parser.add_argument(
+        "--value-dims",
+        type=integers_or_none,
+        help="D̃_v of shared values, crossed with every D̃, e.g. "
+        "none,384,192,96 ('none': per-head values; the default).",
+    )
+    parser.add_argument(
+        "--points",
+        type=points,
+        help="The (D̃, D̃_v) points to run instead of --shared-key-dims x "
+        "--value-dims: D̃ (per-head values) or D̃:D̃_v, e.g. "
+        "384:192,192:192,96.",
     )
     parser.add_argument(
         "--methods",
@@ -118,9 +179,10 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--train-dims",
-        type=integers,
-        help="D̃ values where refined and distilled run (default 96; '' "
-        "for none).",
+        type=points,
+        help="Where refined and distilled run: D̃ (per-head values) or "
+        "D̃:D̃_v (shared values), e.g. 96,192:192 (default 96; '' for "
+        "none).",
     )
     parser.add_argument(
         "--parafac-max-iter",
@@ -133,6 +195,12 @@ def add_arguments(parser):
         help="Refinement steps per layer (default 150).",
     )
     parser.add_argument("--refine-learning-rate", type=float)
+    parser.add_argument(
+        "--refine-objective",
+        choices=REFINE_OBJECTIVES,
+        help="Refinement objective (default auto: attention with per-head "
+        "values, output with shared values).",
+    )
     parser.add_argument(
         "--distill-steps", type=int, help="Distillation steps (default 300)."
     )
@@ -153,11 +221,14 @@ def add_arguments(parser):
 # Command-line options that override the configuration key of their name.
 _OPTIONS = (
     "shared_key_dims",
+    "value_dims",
+    "points",
     "methods",
     "train_dims",
     "parafac_max_iter",
     "refine_steps",
     "refine_learning_rate",
+    "refine_objective",
     "distill_steps",
     "distill_learning_rate",
     "calibration_texts",
@@ -178,9 +249,56 @@ def resolve_config(args):
     if "refined" in methods:
         methods |= {"activation_aware"}
     config["methods"] = [m for m in METHODS if m in methods]
+    if not config["value_dims"]:
+        raise SystemExit("--value-dims is empty; 'none' keeps per-head values.")
+    if config["points"] is not None and not config["points"]:
+        raise SystemExit("--points is empty.")
+    crossed = [
+        option
+        for option in ("shared_key_dims", "value_dims")
+        if getattr(args, option, None) is not None
+    ]
+    if getattr(args, "points", None) is not None and crossed:
+        raise SystemExit(
+            f"--points replaces --shared-key-dims and --value-dims; "
+            f"drop --{crossed[0].replace('_', '-')}."
+        )
+    if getattr(args, "train_dims", None) is not None:
+        _check_train_dims(config)
     if config["threads"] == 0:
         config["threads"] = None
     return config
+
+
+def grid(config):
+    """The (D̃, D̃_v) points run, in order: `points` where given, else every
+    D̃ crossed with every D̃_v."""
+    if config.get("points"):
+        return [_point_of(entry) for entry in config["points"]]
+    return list(
+        itertools.product(config["shared_key_dims"], config["value_dims"])
+    )
+
+
+def _point_of(entry):
+    """`(D̃, D̃_v)` of a `points` entry: `D̃` or `"D̃:D̃_v"`."""
+    if isinstance(entry, int):
+        return entry, None
+    key, value = entry.split(":")
+    return int(key), int(value)
+
+
+def _check_train_dims(config):
+    """A `--train-dims` entry that matches no grid point would train
+    nothing: say so instead of ignoring it."""
+    points = {train_entry(*point) for point in grid(config)}
+    missing = [e for e in config["train_dims"] if e not in points]
+    if missing:
+        raise SystemExit(
+            f"--train-dims entries {missing} are not grid points (D̃ from "
+            "--shared-key-dims, D̃:D̃_v with D̃_v from --value-dims); run "
+            f"points: {sorted(points, key=str)}."
+        )
 
 
 def main(args):
@@ -189,15 +307,13 @@ def main(args):
     config["thread_pools"] = limit_cpu_threads(config["threads"])
     run = start_run(SUITE, args, config, start)
     bench, evaluate, statistics = _prepare(config)
-    for shared_key_dim in config["shared_key_dims"]:
-        for row in _methods_at(
-            config, bench, evaluate, statistics, shared_key_dim
-        ):
-            row = {
-                "backend": run.backend,
-                "shared_key_dim": shared_key_dim,
-                **row,
-            }
+    for shared_key_dim, shared_value_dim in grid(config):
+        point = {
+            "shared_key_dim": shared_key_dim,
+            "shared_value_dim": shared_value_dim,
+        }
+        for row in _methods_at(config, bench, evaluate, statistics, point):
+            row = {"backend": run.backend, **point, **row}
             run.document["rows"].append(row)
             print(_progress_line(row), flush=True)
         # Write as we go: a full run takes minutes.
@@ -221,6 +337,7 @@ def _prepare(config):
     bench = minilm.load(config["calibration_texts"], config["held_out_texts"])
     config["minilm"] = minilm.describe(bench)
     config["minilm"]["load_s"] = round(bench.load_s, 1)
+    config["minilm"]["parameters"] = int(bench.backbone.count_params())
     began = time.perf_counter()
     evaluate = minilm.evaluator(bench.backbone, bench.held_out)
     config["minilm"]["reference_pass_s"] = round(time.perf_counter() - began, 1)
@@ -237,45 +354,67 @@ def _prepare(config):
 
 
 def _progress_line(row):
+    values = row.get("shared_value_dim")
+    values = "" if values is None else f"/D̃_v={values}"
     return (
-        f"D̃={row['shared_key_dim']} {row['method']}: "
+        f"D̃={row['shared_key_dim']}{values} {row['method']}: "
         f"mean cos {row['mean_cosine']:.6f}, "
         f"min cos {row['min_cosine']:.6f}, "
         f"spearman {row['spearman_pairwise']:.5f} ({row['method_s']:.1f} s)"
     )
 
 
-def _methods_at(config, bench, evaluate, statistics, shared_key_dim):
-    """Yields one result row per method at one D̃."""
+def _methods_at(config, bench, evaluate, statistics, point):
+    """Yields one result row per method at one (D̃, D̃_v) point."""
     methods = config["methods"]
-    if "published" in methods:
+    shared_key_dim = point["shared_key_dim"]
+    # The published procedure decomposes the query/key side only.
+    if "published" in methods and point["shared_value_dim"] is None:
         yield _published(config, bench, evaluate, shared_key_dim)
     if "structured" in methods:
-        _, row = _converted(
-            "structured", config, bench, evaluate, shared_key_dim, None
-        )
+        _, row = _converted("structured", config, bench, evaluate, point, None)
         yield row
     if "activation_aware" not in methods:
         return
     model, row = _converted(
-        "activation_aware", config, bench, evaluate, shared_key_dim, statistics
+        "activation_aware", config, bench, evaluate, point, statistics
     )
     yield row
-    if not _trains_at(config, bench, shared_key_dim):
+    if not _trains_at(config, bench, point):
         return
     if "refined" in methods:
-        yield _refined(config, bench, evaluate, model)
+        yield _refined(config, bench, evaluate, model, point)
     if "distilled" in methods:
         yield _distilled(config, bench, evaluate, model)
 
 
-def _trains_at(config, bench, shared_key_dim):
-    """Whether refinement and distillation run at this D̃: one of
-    `train_dims`, below full size (exact already there, and no content
-    bias to train)."""
-    layer = bench.sites[0].layer
-    full_size = shared_key_dim == layer.num_heads * layer.key_dim
-    return not full_size and shared_key_dim in config["train_dims"]
+def is_exact(layer, shared_key_dim, shared_value_dim):
+    """Whether the conversion of `layer` (Keras MHA) is exact at this point:
+    full D̃, and per-head or full-size shared values."""
+    full_values = layer.num_heads * layer.value_dim
+    return shared_key_dim == layer.num_heads * layer.key_dim and (
+        shared_value_dim in (None, full_values)
+    )
+
+
+def _trains_at(config, bench, point):
+    """Whether refinement and distillation run at this point: one of
+    `train_dims`, and approximated somewhere (exact conversions have
+    nothing to train)."""
+    key, value = point["shared_key_dim"], point["shared_value_dim"]
+    if is_exact(bench.sites[0].layer, key, value):
+        return False
+    return train_entry(key, value) in config["train_dims"]
+
+
+def refine_objective(config, shared_value_dim):
+    """The refinement objective of a point: `"auto"` picks `"output"` with
+    shared values, whose approximation the attention objective cannot
+    see, and `"attention"` otherwise."""
+    objective = config.get("refine_objective", "auto")
+    if objective != "auto":
+        return objective
+    return "attention" if shared_value_dim is None else "output"
 
 
 def _published(config, bench, evaluate, shared_key_dim):
@@ -297,8 +436,9 @@ def _published(config, bench, evaluate, shared_key_dim):
     }
 
 
-def _converted(method, config, bench, evaluate, shared_key_dim, statistics):
-    """`convert_model` without (`statistics=None`) or with calibration.
+def _converted(method, config, bench, evaluate, point, statistics):
+    """`convert_model` without (`statistics=None`) or with calibration, at
+    one (D̃, D̃_v) point.
 
     Returns:
         `(model, row)`: the converted model, for the methods that start
@@ -309,7 +449,8 @@ def _converted(method, config, bench, evaluate, shared_key_dim, statistics):
     model, layers, seconds = minilm.convert(
         bench.backbone,
         bench.sites,
-        shared_key_dim,
+        point["shared_key_dim"],
+        shared_value_dim=point["shared_value_dim"],
         statistics=statistics,
         tol=config["tol"],
         max_iter=config["max_iter"],
@@ -318,14 +459,16 @@ def _converted(method, config, bench, evaluate, shared_key_dim, statistics):
         "method": method,
         "method_s": seconds,
         **_conversion_fields(layers),
+        "parameters": int(model.count_params()),
         **evaluate(model),
     }
 
 
-def _refined(config, bench, evaluate, model):
+def _refined(config, bench, evaluate, model, point):
     """Refines `model` in place, as `convert_model(refine_steps=...)`."""
     from keras_collab.conversion.refinement import refine_layers
 
+    objective = refine_objective(config, point["shared_value_dim"])
     began = time.perf_counter()
     refinement = refine_layers(
         bench.backbone,
@@ -334,6 +477,7 @@ def _refined(config, bench, evaluate, model):
         bench.calibration,
         steps=config["refine_steps"],
         learning_rate=config["refine_learning_rate"],
+        objective=objective,
         seed=0,
     )
     seconds = time.perf_counter() - began
@@ -342,6 +486,9 @@ def _refined(config, bench, evaluate, model):
         "method": "refined",
         "method_s": seconds,
         "refine_steps": config["refine_steps"],
+        "refine_objective": objective,
+        # The mean loss per layer: KL with the attention objective, squared
+        # error of the outputs with the output objective.
         "mean_kl_before": float(
             np.mean([r["loss_before"] for r in refinement.values()])
         ),
@@ -370,13 +517,23 @@ def _distilled(config, bench, evaluate, model):
 
 
 def _conversion_fields(layers):
-    errors = [c.relative_error for c in layers.values()]
+    conversions = list(layers.values())
+    errors = [c.relative_error for c in conversions]
+    value_errors = [
+        c.value_relative_error
+        for c in conversions
+        if c.value_relative_error is not None
+    ]
     return {
         "median_relative_error": float(np.median(errors)),
-        "qk_params_after": int(sum(c.qk_params_after for c in layers.values())),
-        "qk_params_before": int(
-            sum(c.qk_params_before for c in layers.values())
+        "median_value_relative_error": (
+            float(np.median(value_errors)) if value_errors else None
         ),
+        "qk_params_after": int(sum(c.qk_params_after for c in conversions)),
+        "qk_params_before": int(sum(c.qk_params_before for c in conversions)),
+        "vo_params_after": int(sum(c.vo_params_after for c in conversions)),
+        "vo_params_before": int(sum(c.vo_params_before for c in conversions)),
+        **compression.decode_cache([c.layer for c in conversions]),
     }
 
 
@@ -386,15 +543,19 @@ def _conversion_fields(layers):
 
 
 def targets(rows):
-    """PASS/MISS of every target of the issue, per backend and method."""
+    """PASS/MISS of every target of the issues, per backend and method."""
     checks = []
-    for dim, metric, threshold in TARGETS:
+    for dim, value_dim, metric, threshold in TARGETS:
         for row in rows:
-            if row["shared_key_dim"] == dim:
+            if (row["shared_key_dim"], row.get("shared_value_dim")) == (
+                dim,
+                value_dim,
+            ):
                 checks.append(
                     {
                         "backend": row["backend"],
                         "shared_key_dim": dim,
+                        "shared_value_dim": value_dim,
                         "method": row["method"],
                         "metric": metric,
                         "threshold": threshold,
@@ -432,7 +593,7 @@ def _markdown(document, rows):
         *_method_lines(config, minilm, rows),
         "",
         environment_markdown(document),
-        "## Targets of the issue",
+        "## Targets of the issues",
         "",
         _targets_table(rows),
         "## Results",
@@ -441,7 +602,20 @@ def _markdown(document, rows):
         "",
         _RESULTS_NOTE,
     ]
+    if has_shared_values(rows):
+        parts += [
+            "",
+            "## Parameters and decode cache",
+            "",
+            _budget_table(rows, config),
+            "",
+            _BUDGET_NOTE,
+        ]
     return "\n".join(parts) + "\n" + errors_markdown(document)
+
+
+def has_shared_values(rows):
+    return any(r.get("shared_value_dim") is not None for r in rows)
 
 
 def _measures_paragraph(config, minilm):
@@ -481,10 +655,48 @@ def _method_lines(config, minilm, rows):
         "between the converted and original `sequence_output`, padded tokens "
         "weighted 0. Trained: only the collaborative layers' shared query "
         "kernel and bias, shared key kernel, mixing and content bias; "
-        "everything else frozen." + _distillation_sentence(rows),
-        f"- refined and distilled run at D̃ in {config['train_dims']} (at "
-        "D̃ = 384 = H·key_dim the conversion is exact; elsewhere they were "
-        "left out to keep the run short: `--train-dims 48,96,192` adds them).",
+        "everything else frozen; with shared values also the value "
+        "kernel and bias, value mixing and output kernel and bias."
+        + _distillation_sentence(rows),
+        f"- refined and distilled run at {_train_points(config)} (at "
+        "D̃ = 384 = H·key_dim with per-head or full-size values the "
+        "conversion is exact; elsewhere they were left out to keep the run "
+        "short: `--train-dims 48,96,192` adds them).",
+        *_value_lines(config),
+    ]
+
+
+def _train_points(config):
+    entries = [
+        f"D̃ = {e}" if isinstance(e, int) else "D̃:D̃_v = " + str(e)
+        for e in config.get("train_dims", [])
+    ]
+    return ", ".join(entries) or "no point"
+
+
+def _value_lines(config):
+    run = grid({"points": None, **config})
+    if all(value is None for _, value in run):
+        return []
+    if config.get("points"):
+        named = ", ".join(
+            f"{key}/{'per head' if value is None else value}"
+            for key, value in run
+        )
+        where = f"the points D̃/D̃_v {named}"
+    else:
+        named = ", ".join(
+            "per head" if d is None else str(d) for d in config["value_dims"]
+        )
+        where = f"every D̃ crossed with D̃_v in {named}"
+    return [
+        f"- shared values: {where}, "
+        "`convert_model(backbone, D̃, shared_value_dim=D̃_v, ...)`; "
+        "refinement objective "
+        f"`{config.get('refine_objective', 'auto')}` (auto: `attention` "
+        "with per-head values, `output` with shared values, which trains "
+        "the value side as well). The published procedure runs only where "
+        "values stay per head.",
     ]
 
 
@@ -494,12 +706,19 @@ def _distillation_sentence(rows):
     if distilled is None:
         return ""
     distillation = distilled["distillation"]
+    values = distilled.get("shared_value_dim")
+    values = "" if values is None else f", D̃_v = {values}"
     return (
         f" Distillation took {distillation['steps']} steps, "
         f"{distillation['fit_s']:.0f} s (teacher outputs, `fit`, losses) at "
-        f"D̃ = {distilled['shared_key_dim']} "
+        f"D̃ = {distilled['shared_key_dim']}{values} "
         f"({distillation['trainable_parameters']} trainable parameters)."
     )
+
+
+def _value_cell(row):
+    value = row.get("shared_value_dim")
+    return "per head" if value is None else value
 
 
 def _results_table(rows):
@@ -507,12 +726,14 @@ def _results_table(rows):
         [
             "backend",
             "D̃:",
+            "D̃_v:",
             "method",
             "mean cos:",
             "min cos:",
             "Spearman:",
             "max abs diff:",
             "median rel. error:",
+            "median value rel. error:",
             "method s:",
             "what",
         ],
@@ -520,6 +741,7 @@ def _results_table(rows):
             (
                 r["backend"],
                 r["shared_key_dim"],
+                _value_cell(r),
                 r["method"],
                 f"{r['mean_cosine']:.6f}",
                 f"{r['min_cosine']:.6f}",
@@ -529,6 +751,11 @@ def _results_table(rows):
                     None
                     if r.get("median_relative_error") is None
                     else f"{r['median_relative_error']:.4f}"
+                ),
+                (
+                    None
+                    if r.get("median_value_relative_error") is None
+                    else f"{r['median_value_relative_error']:.4f}"
                 ),
                 f"{r['method_s']:.1f}",
                 _METHOD_NOTES[r["method"]],
@@ -541,10 +768,68 @@ def _results_table(rows):
 _RESULTS_NOTE = (
     '"median rel. error": median over layers of the decomposition\'s '
     "relative error (plain metric for published and structured, "
-    'activation-weighted for activation_aware). "method s": time of the '
-    "method's own step (PARAFAC decompositions; conversion; refinement; "
-    "distillation `fit`), evaluation excluded."
+    'activation-weighted for activation_aware); "median value rel. error": '
+    "the same for the value/output products W_V^h W_O^h with shared values. "
+    '"method s": time of the method\'s own step (PARAFAC decompositions; '
+    "conversion; refinement; distillation `fit`), evaluation excluded."
 )
+
+_BUDGET_NOTE = (
+    '"QK" / "VO params": query/key and value/output parameters of the six '
+    'attention layers, converted (original in brackets); "model params": '
+    'the whole converted backbone. "cache / token": numbers a decoder of '
+    "this shape would cache per token over the six layers, D̃ + H content "
+    "logits (below full D̃) + D̃_v (or H·d_v per head), against the "
+    "original's H·(d_k + d_v) per layer (MiniLM is an encoder and caches "
+    'nothing; this is the arithmetic of the compact cache); "value share": '
+    "the values' fraction of that cache."
+)
+
+
+def _budget_table(rows, config):
+    """Parameters and cache of every converted point, once per point."""
+    seen, table_rows = set(), []
+    model_params = config.get("minilm", {}).get("parameters")
+    for r in rows:
+        point = (r["backend"], r["shared_key_dim"], r.get("shared_value_dim"))
+        if point in seen or "cache_per_token" not in r:
+            continue
+        seen.add(point)
+        table_rows.append(
+            (
+                r["backend"],
+                r["shared_key_dim"],
+                _value_cell(r),
+                f"{r['qk_params_after']:,} ({r['qk_params_before']:,})",
+                f"{r['vo_params_after']:,} ({r['vo_params_before']:,})",
+                _params_cell(r.get("parameters"), model_params),
+                f"{r['cache_per_token']:,} ({r['original_cache_per_token']:,})",
+                f"{r['cache_ratio']:.2f}",
+                f"{r['value_cache_share']:.3f}",
+            )
+        )
+    return markdown_table(
+        [
+            "backend",
+            "D̃:",
+            "D̃_v:",
+            "QK params:",
+            "VO params:",
+            "model params:",
+            "cache / token:",
+            "× smaller:",
+            "value share:",
+        ],
+        table_rows,
+    )
+
+
+def _params_cell(parameters, original):
+    if parameters is None:
+        return None
+    if original is None:
+        return f"{parameters:,}"
+    return f"{parameters:,} ({original:,})"
 
 
 def _targets_table(rows):
@@ -556,25 +841,32 @@ def _targets_table(rows):
         key = (
             check["backend"],
             check["shared_key_dim"],
+            check["shared_value_dim"],
             check["metric"],
             check["threshold"],
         )
         grouped.setdefault(key, []).append(check)
     table_rows = []
-    for (backend, dim, metric, threshold), group in grouped.items():
+    for (backend, dim, value_dim, metric, threshold), group in grouped.items():
         cells = {c["method"]: f"{c['value']:.6f} {c['result']}" for c in group}
         table_rows.append(
             (
                 backend,
                 dim,
+                _value_cell({"shared_value_dim": value_dim}),
                 f"{metric} >= {threshold}",
                 *(cells.get(m) for m in METHODS),
             )
         )
-    return markdown_table(["backend", "D̃:", "target", *METHODS], table_rows)
+    return markdown_table(
+        ["backend", "D̃:", "D̃_v:", "target", *METHODS], table_rows
+    )
 
 
 def _plot(rows, path):
+    if has_shared_values(rows):
+        _plot_shared_values(rows, path)
+        return
     minilm_report.plot(
         rows,
         path,
@@ -585,7 +877,71 @@ def _plot(rows, path):
         ),
         targets=[
             (dim, threshold)
-            for dim, metric, threshold in TARGETS
-            if metric == "mean_cosine"
+            for dim, value_dim, metric, threshold in TARGETS
+            if metric == "mean_cosine" and value_dim is None
         ],
     )
+
+
+def _plot_shared_values(rows, path):
+    """Mean cosine against D̃, one line per D̃_v (activation-aware), the
+    trained methods as markers in the same colour; right, 1 - mean cosine
+    on a log scale."""
+    from benchmarks.harness.plots import label_dimensions
+    from benchmarks.harness.plots import new_figure
+    from benchmarks.harness.plots import save_figure
+
+    figure, axes = new_figure(1, 2)
+    markers = {"activation_aware": "o-", "refined": "v", "distilled": "D"}
+    value_dims = sorted(
+        {r.get("shared_value_dim") for r in rows},
+        key=lambda d: (d is not None, d or 0),
+    )
+    backends = sorted({r["backend"] for r in rows})
+    for index, (backend, value_dim) in enumerate(
+        itertools.product(backends, value_dims)
+    ):
+        color = f"C{index % 10}"
+        name = "per-head values" if value_dim is None else f"D̃_v = {value_dim}"
+        if len(backends) > 1:
+            name = f"{name} ({backend})"
+        for method, style in markers.items():
+            entries = sorted(
+                (
+                    r
+                    for r in rows
+                    if r["backend"] == backend
+                    and r.get("shared_value_dim") == value_dim
+                    and r["method"] == method
+                ),
+                key=lambda r: r["shared_key_dim"],
+            )
+            if not entries:
+                continue
+            label = name if method == "activation_aware" else None
+            dims = [r["shared_key_dim"] for r in entries]
+            means = [r["mean_cosine"] for r in entries]
+            axes[0][0].plot(dims, means, style, color=color, label=label)
+            axes[0][1].plot(
+                dims,
+                [max(1.0 - m, 1e-9) for m in means],
+                style,
+                color=color,
+                label=label,
+            )
+    dims_run = sorted({r["shared_key_dim"] for r in rows})
+    for ax, ylabel in zip(
+        axes[0], ("mean cosine to original", "1 - mean cosine (log)")
+    ):
+        ax.set_xscale("log", base=2)
+        label_dimensions(ax, dims_run)
+        ax.set_xlabel("D̃ (shared_key_dim)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    axes[0][1].set_yscale("log")
+    figure.suptitle(
+        "MiniLM held-out fidelity vs. D̃ and D̃_v (lines: activation-aware; "
+        "v: + refinement, D: + distillation)",
+        fontsize=9,
+    )
+    save_figure(figure, path)

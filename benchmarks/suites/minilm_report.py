@@ -18,9 +18,10 @@ from benchmarks.harness.result_files import write_text
 def write(document, output_dir, stem, methods, markdown, plot):
     """Writes `<stem>.md` and, where a method was measured, `<stem>.png`.
 
-    The suite's Markdown and figure get the rows sorted by backend, D̃ and
-    method. The figure is left out when no row has a `mean_cosine` (every
-    method run was skipped): there is nothing to draw.
+    The suite's Markdown and figure get the rows sorted by backend, D̃,
+    D̃_v (`shared_value_dim`: per-head values first) and method. The
+    figure is left out when no row has a `mean_cosine` (every method run
+    was skipped): there is nothing to draw.
 
     Args:
         document: The result document.
@@ -35,12 +36,20 @@ def write(document, output_dir, stem, methods, markdown, plot):
         key=lambda r: (
             r["backend"],
             r["shared_key_dim"],
+            _value_order(r.get("shared_value_dim")),
             methods.index(r["method"]),
         ),
     )
     write_text(os.path.join(output_dir, f"{stem}.md"), markdown(document, rows))
     if any("mean_cosine" in r for r in rows):
         plot(rows, os.path.join(output_dir, f"{stem}.png"))
+
+
+def _value_order(shared_value_dim):
+    """Per-head values (`None`) first, then shared values by size."""
+    if shared_value_dim is None:
+        return (0, 0)
+    return (1, shared_value_dim)
 
 
 def plot(rows, path, styles, xlabel, title, targets=()):

@@ -1,9 +1,11 @@
-"""Pure pieces of the `conversion`, `fidelity` and `pruning` suites.
+"""Pure pieces of the `conversion`, `fidelity`, `pruning` and
+`decoder_quality` suites.
 
-Parameter budgets, magnitude pruning (TFMOT's rule, in `keras.ops` and in
-NumPy), per-head low-rank truncation of the attention bilinear forms, the
-synthetic BERT-base-shaped attention weights and the writing of PARAFAC
-factors into a converted collaborative layer. Nothing here loads a model:
+Parameter budgets, the compact decode cache of converted layers, magnitude
+pruning (TFMOT's rule, in `keras.ops` and in NumPy), per-head low-rank
+truncation of the attention bilinear forms, the synthetic BERT-base-shaped
+attention weights and the writing of PARAFAC factors into a converted
+collaborative layer. Nothing here loads a model:
 the unit tests in `tests/benchmarks/workloads/test_compression.py` run them
 on small random weights on every backend.
 
@@ -43,6 +45,36 @@ def mha_qk_parameters(model_dim, num_heads, key_dim):
     the same value to every logit of a query, which softmax cancels.
     """
     return 2 * model_dim * num_heads * key_dim + num_heads * key_dim
+
+
+def decode_cache(layers):
+    """What a decoder with these attention layers would cache per token.
+
+    Per layer: the shared key (D̃), the content-bias logits (H, with a
+    content bias) and the values (D̃_v shared, or H·d_v per head), as
+    `CachedCollaborativeMultiHeadAttention.cache_width`; the original's
+    KerasHub cache holds H·(d_k + d_v). For an encoder (MiniLM), which keeps
+    no cache, these are the numbers a decoder of its shape would keep.
+
+    Returns:
+        `cache_per_token` (numbers over all layers), `original_cache_per_
+        token`, `cache_ratio` (original / converted) and
+        `value_cache_share` (the values' fraction of the converted cache).
+    """
+    total = values = original = 0
+    for layer in layers:
+        heads = layer.num_heads
+        value = layer.shared_value_dim or heads * layer.value_dim
+        content = heads if layer.use_content_bias else 0
+        total += layer.shared_key_dim + content + value
+        values += value
+        original += heads * (layer.key_dim + layer.value_dim)
+    return {
+        "cache_per_token": total,
+        "original_cache_per_token": original,
+        "cache_ratio": original / total,
+        "value_cache_share": values / total,
+    }
 
 
 def tfmot_kept_count(size, sparsity):

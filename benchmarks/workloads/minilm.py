@@ -278,6 +278,7 @@ def convert(
     sites,
     shared_key_dim,
     *,
+    shared_value_dim=None,
     statistics=None,
     tol=1e-6,
     max_iter=300,
@@ -285,6 +286,9 @@ def convert(
 ):
     """`convert_model(backbone, shared_key_dim, ...)` without refinement,
     with calibration statistics computed once by the caller, timed.
+
+    `shared_value_dim` (D̃_v) shares the values too, as in `convert_model`;
+    `None` keeps per-head values.
 
     Runs the package's own stages (`convert_sites`, then `assemble`), so the
     result is what `convert_model` returns with `calibration_data` (when
@@ -301,6 +305,7 @@ def convert(
     conversions = convert_sites(
         sites,
         shared_key_dim,
+        shared_value_dim=shared_value_dim,
         statistics=statistics,
         seed=seed,
         tol=tol,

@@ -168,3 +168,77 @@ def test_cli_converts_the_char_lm_preset(tmp_path, capsys):
     converted.compile(sampler="greedy")
     generated = converted.generate("def ", max_length=16)
     assert isinstance(generated, str) and generated.startswith("def ")
+
+
+def test_value_divisors_cross_every_divisor():
+    config = resolved_config(
+        decoder_quality,
+        ["--divisors", "1,4", "--value-divisors", "none,2"],
+    )
+    assert decoder_quality.grid(config, 128, 128) == [
+        {"shared_key_dim": 128, "shared_value_dim": None},
+        {"shared_key_dim": 128, "shared_value_dim": 64},
+        {"shared_key_dim": 32, "shared_value_dim": None},
+        {"shared_key_dim": 32, "shared_value_dim": 64},
+    ]
+    # The default keeps per-head values only, as before shared values.
+    assert resolved_config(decoder_quality, [])["value_divisors"] == [None]
+    with pytest.raises(SystemExit, match="not divisible"):
+        decoder_quality.grid({**config, "value_divisors": [3]}, 128, 128)
+    with pytest.raises(SystemExit, match="empty"):
+        resolved_config(decoder_quality, ["--value-divisors", ""])
+
+
+def test_quick_run_with_shared_values(tmp_path):
+    assert (
+        benchmarks_main(
+            [
+                "decoder_quality",
+                "--quick",
+                "--divisors",
+                "1",
+                "--value-divisors",
+                "1,2",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    (path,) = tmp_path.glob("decoder_quality_*.json")
+    document = read_json(path)
+    config = next(iter(document["config"].values()))
+    full = config["original"]["num_heads"] * config["original"]["head_dim"]
+    rows = {
+        (r["shared_value_dim"], r["method"]): r
+        for r in document["rows"]
+        if r["method"] != "original"
+    }
+    assert set(rows) == {
+        (full, "activation_aware"),
+        (full // 2, "activation_aware"),
+        (full // 2, "distilled"),
+    }
+    original = next(r for r in document["rows"] if r["method"] == "original")
+    # Full-size shared values are exact: the original's perplexity and
+    # every greedy token.
+    exact = rows[(full, "activation_aware")]
+    assert exact["perplexity"] == pytest.approx(
+        original["perplexity"], rel=1e-4
+    )
+    assert exact["token_agreement"] == 1.0
+    assert exact["median_value_relative_error"] < 1e-5
+    # Half-size values: fewer value/output parameters and a smaller cache
+    # (full-size keys: D̃ + D̃_v per layer, against 2·H·d_k).
+    half = rows[(full // 2, "activation_aware")]
+    assert half["vo_params_after"] < exact["vo_params_after"]
+    layers = config["original"]["num_layers"]
+    assert half["cache_per_token"] == layers * (full + full // 2)
+    assert half["original_cache_per_token"] == layers * 2 * full
+    assert half["value_cache_share"] == pytest.approx(1 / 3)
+    assert half["median_value_relative_error"] > 1e-3
+    distilled = rows[(full // 2, "distilled")]
+    assert distilled["distillation"]["steps"] == config["distill_steps"]
+    markdown = path.with_suffix(".md").read_text()
+    assert "| value share |" in markdown
+    assert path.with_suffix(".png").stat().st_size > 0

@@ -1,4 +1,5 @@
-"""Pure pieces of the conversion, fidelity and pruning suites (no MiniLM)."""
+"""Pure pieces of the conversion, fidelity, pruning and decoder_quality
+suites (no MiniLM)."""
 
 import keras
 import numpy as np
@@ -51,6 +52,45 @@ def test_collaborative_budget_counts_the_converted_layer():
         conversion.qk_params_before
         == compression.mha_qk_parameters(16, 2, 4) + 2 * 4
     )
+
+
+@pytest.mark.parametrize(
+    "shared_key_dim, shared_value_dim, width",
+    [
+        # Full D̃ keeps the query bias in the shared query: no content
+        # logits; per-head values, 2 heads of 4.
+        (8, None, 8 + 0 + 8),
+        # Below full D̃: 2 content logits; shared values of 3.
+        (3, 3, 3 + 2 + 3),
+        (8, 5, 8 + 0 + 5),
+    ],
+)
+def test_decode_cache_counts_what_the_compact_cache_keeps(
+    shared_key_dim, shared_value_dim, width
+):
+    from keras_collab.layers import CachedCollaborativeMultiHeadAttention
+
+    conversion = convert_attention(
+        _mha(),
+        shared_key_dim=shared_key_dim,
+        shared_value_dim=shared_value_dim,
+        max_iter=5,
+    )
+    layers = [conversion.layer, conversion.layer]
+    cache = compression.decode_cache(layers)
+    # The cached twin of the same layer, built from its config, is the
+    # independent count: the width of the cache it really allocates.
+    twin = CachedCollaborativeMultiHeadAttention.from_config(
+        conversion.layer.get_config()
+    )
+    allocated = twin.empty_cache(1, 7).shape[-1]
+    assert allocated == width
+    assert cache["cache_per_token"] == 2 * width
+    # KerasHub's cache: keys and values of 2 heads of 4, per layer.
+    assert cache["original_cache_per_token"] == 2 * 16
+    assert cache["cache_ratio"] == pytest.approx(16 / width)
+    values = shared_value_dim or 8
+    assert cache["value_cache_share"] == pytest.approx(values / width)
 
 
 def test_minilm_budgets():
