@@ -34,6 +34,7 @@ SUITES = {
     "pruning": "benchmarks.suites.pruning",
     "decode": "benchmarks.suites.decode",
     "decoder_quality": "benchmarks.suites.decoder_quality",
+    "inference": "benchmarks.suites.inference",
     "all": "benchmarks.suites.full_set",
 }
 

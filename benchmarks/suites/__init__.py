@@ -9,6 +9,8 @@
 * `conversion`: time and error of the decomposition per layer;
 * `fidelity`: held-out fidelity of the converted real MiniLM;
 * `pruning`: pruning baselines at the collaborative key/query budget;
+* `inference`: whole-model latency of converted encoders against
+  their originals;
 * `full_set`: `all`, every CPU suite one after the other;
 * `minilm_report`: the report pieces `fidelity` and `pruning` share.
 

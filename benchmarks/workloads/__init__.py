@@ -9,7 +9,11 @@
   it (loading, timed fidelity, conversion, PARAFAC, distillation, copies);
 * `compression`: budgets, magnitude masks, low-rank truncation, synthetic
   weights and factor writing (pure, unit-tested);
-* `tfmot_prune`: TFMOT's magnitude masks, computed in a subprocess.
+* `tfmot_prune`: TFMOT's magnitude masks, computed in a subprocess;
+* `encoders`: the encoders the `inference` suite times and their
+  structural conversions (imports Keras);
+* `encoder_flops`: the FLOPs of an encoder, multi-head or collaborative
+  (pure, unit-tested).
 
 Workloads import the harness and keras_collab, never a suite.
 """
