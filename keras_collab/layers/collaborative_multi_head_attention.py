@@ -1111,7 +1111,11 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             self._check_flash_attention_available()
             if use_causal_mask:
                 mask = self._causal_mask(query, value)
-            if not self._use_blocked_torch_kernel(
+            if self._use_query_major_layout(training, return_attention_scores):
+                context = self._query_major_attention(
+                    query, key, value, content_logits, mask
+                )
+            elif not self._use_blocked_torch_kernel(
                 query, training, return_attention_scores
             ):
                 return self._einsum_attention(
@@ -1124,9 +1128,10 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                     return_attention_scores,
                     zero_masked_rows,
                 )
-            context = self._blocked_torch_attention(
-                query, key, value, content_logits, mask
-            )
+            else:
+                context = self._blocked_torch_attention(
+                    query, key, value, content_logits, mask
+                )
         if zero_masked_rows:
             context = _zero_fully_masked_rows(context, mask)
         return context, None
@@ -1195,6 +1200,48 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         if zero_masked_rows and not return_attention_scores:
             context = _zero_fully_masked_rows(context, mask)
         return context, probabilities
+
+    def _use_query_major_layout(self, training, return_attention_scores):
+        """Whether `_query_major_attention` should run this attention: on
+        the XLA backends (JAX, TensorFlow) whenever neither the `(B, H, T,
+        S)` probabilities nor a dropout pattern over them is asked for.
+
+        Its logits are laid out `(B, T, H, S)`, so that one matmul scores
+        the `T * H` head queries of a batch element against its shared keys
+        with no transposes of the head queries or the logits; the
+        `(B, H, T, S)` layout of the einsum path below costs XLA a
+        transpose of the largest tensor (see `benchmarks/README.md`,
+        "Attention layouts"). PyTorch runs its blocked kernel instead.
+        """
+        if keras.backend.backend() not in ("jax", "tensorflow"):
+            return False
+        if return_attention_scores:
+            return False
+        return not (self._dropout > 0.0 and training)
+
+    def _query_major_attention(self, query, key, value, content_logits, mask):
+        """What `_einsum_attention` computes without dropout and returned
+        scores (tested against it), in the `(B, T, H, S)` layout."""
+        scale = self._inverse_sqrt_key_dim
+        # The scale goes into the (H, D̃) mixing, the smallest operand.
+        mixing = ops.multiply(
+            ops.cast(self._mixing, query.dtype), ops.cast(scale, query.dtype)
+        )
+        head_queries = ops.multiply(ops.expand_dims(query, 2), mixing)
+        logits = ops.einsum("bthd,bsd->bths", head_queries, key)
+        if content_logits is not None:
+            bias = ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 1)
+            logits = logits + ops.multiply(bias, ops.cast(scale, bias.dtype))
+        if mask is not None:
+            mask = ops.transpose(mask, (0, 2, 1, 3))
+        compute_dtype = logits.dtype
+        logits = ops.cast(logits, "float32")
+        if mask is not None:
+            logits = ops.where(mask, logits, _MASK_VALUE_FLOAT32)
+        probabilities = ops.cast(ops.softmax(logits, axis=-1), compute_dtype)
+        if self._shared_value_dim is None:
+            return ops.einsum("bths,bshd->bthd", probabilities, value)
+        return ops.einsum("bths,bsd->bthd", probabilities, value)
 
     def _use_blocked_torch_kernel(
         self, tensor, training, return_attention_scores
