@@ -31,6 +31,7 @@ import time
 
 DEFAULT_SHARED_KEY_DIM = "0.5"
 DEFAULT_OUTPUT = "minilm_collab"
+DEFAULT_SPEED_CANDIDATES = "0.75,0.5,0.375,0.25,0.125"
 HELD_OUT_TEXTS = 64
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -194,6 +195,10 @@ def _dim_parser(name):
 _shared_key_dim = _dim_parser("shared_key_dim")
 
 
+def _speed_candidates(text):
+    return [_shared_key_dim(item) for item in text.split(",") if item.strip()]
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="keras-collab",
@@ -221,9 +226,26 @@ def _add_convert_command(commands):
     convert.add_argument(
         "--shared-key-dim",
         type=_shared_key_dim,
-        default=DEFAULT_SHARED_KEY_DIM,
         help="D̃: an integer, or a fraction of num_heads*key_dim "
         f"(default {DEFAULT_SHARED_KEY_DIM})",
+    )
+    convert.add_argument(
+        "--target-speedup",
+        type=float,
+        help="choose the largest D̃ of --speed-candidates whose converted "
+        "model runs this many times as fast as the source (measured)",
+    )
+    convert.add_argument(
+        "--speed-candidates",
+        type=_speed_candidates,
+        default=DEFAULT_SPEED_CANDIDATES,
+        help="comma-separated D̃ (integers or fractions) --target-speedup "
+        f"chooses from (default {DEFAULT_SPEED_CANDIDATES})",
+    )
+    convert.add_argument(
+        "--no-speed",
+        action="store_true",
+        help="skip measuring the converted model's speed against the source",
     )
     convert.add_argument(
         "--shared-value-dim",
@@ -325,6 +347,27 @@ def _validate(args):
         raise ValueError("--distill-steps needs calibration data.")
     if args.calibration and not os.path.isfile(args.calibration):
         raise ValueError(f"Calibration file '{args.calibration}' not found.")
+    _validate_speed(args)
+
+
+def _validate_speed(args):
+    if args.target_speedup is None:
+        return
+    if not args.target_speedup > 0:
+        raise ValueError("--target-speedup must be > 0.")
+    given = {
+        "--shared-key-dim": args.shared_key_dim is not None,
+        "--target-error": args.target_error is not None,
+        "--value-target-error": args.value_target_error is not None,
+        "--no-speed": args.no_speed,
+    }
+    for flag in (flag for flag, present in given.items() if present):
+        raise ValueError(
+            "--target-speedup chooses D̃ by measuring speed: it cannot be "
+            f"combined with {flag}."
+        )
+    if not args.speed_candidates:
+        raise ValueError("--speed-candidates needs at least one D̃.")
 
 
 def convert(args):
@@ -349,6 +392,8 @@ def convert(args):
     if os.path.abspath(output) == os.path.abspath(source):
         raise ValueError("--output must differ from SOURCE.")
     loaded = sources.load_source(source, args.sequence_length)
+    latency = _latency_comparison(args, loaded.backbone)
+    selection = _choose_shared_key_dim(args, loaded.backbone, latency)
     calibration_texts, held_out_texts = text.calibration_and_held_out(
         args.samples, args.calibration, HELD_OUT_TEXTS
     )
@@ -374,11 +419,47 @@ def convert(args):
     report["total_params_before"] = loaded.backbone.count_params()
     report.update(_backend_fields())
     report["total_params_after"] = result.model.count_params()
+    report["speed"] = None if latency is None else latency(result.model)
+    report["speed_selection"] = selection
     with preset_files.atomic_directory(output, force=args.force) as staging:
         result.model.save_to_preset(staging)
         loaded.tokenizer.save_to_preset(staging)
         preset_files.write_report(staging, report)
     return report
+
+
+def _latency_comparison(args, backbone):
+    """The source timed on a small batch at the conversion's sequence
+    length, for the speed report; `None` with `--no-speed`."""
+    from keras_collab.conversion import latency
+    from keras_collab.hub import sources
+
+    if args.no_speed:
+        return None
+    length = sources.fitting_sequence_length(backbone, args.sequence_length)
+    inputs = latency.example_inputs(backbone, latency.BATCH_SIZE, length)
+    return latency.LatencyComparison(backbone, inputs)
+
+
+def _choose_shared_key_dim(args, backbone, comparison):
+    """Sets `args.shared_key_dim`: chosen by measured speed with
+    `--target-speedup` (returns what was measured), else the default
+    where none was given (returns `None`)."""
+    from keras_collab.conversion import latency
+
+    if args.target_speedup is None:
+        if args.shared_key_dim is None:
+            args.shared_key_dim = _shared_key_dim(DEFAULT_SHARED_KEY_DIM)
+        return None
+    selection = latency.choose_shared_key_dim_for_speedup(
+        backbone,
+        args.speed_candidates,
+        args.target_speedup,
+        comparison,
+        shared_value_dim=args.shared_value_dim,
+    )
+    args.shared_key_dim = selection["chosen"]
+    return selection
 
 
 def _conversion_report(args, source, output, result, fidelity):
@@ -501,7 +582,39 @@ def format_report(report):
         f"Conversion time: {report['conversion_seconds']:.1f} s "
         "(model loading excluded)"
     )
+    lines += _speed_lines(report)
     return "\n".join(lines)
+
+
+def _speed_lines(report):
+    """The measured speed and the `--target-speedup` choice (reports written
+    before speed was measured, or with `--no-speed`, have none)."""
+    lines = []
+    selection = report.get("speed_selection")
+    if selection:
+        timed = ", ".join(
+            f"{row['shared_key_dim']}: {row['ratio']:.2f}x"
+            for row in selection["candidates"]
+        )
+        lines.append(
+            f"Target speed-up {selection['target_speedup']:g}x (time ratio "
+            f"<= {selection['max_ratio']:.3f}): chose D̃ = "
+            f"{selection['chosen']}, measured {selection['ratio']:.2f}x the "
+            f"source's time (timed, largest first: {timed})"
+        )
+    speed = report.get("speed")
+    if speed:
+        # Measured when converting, on the conversion's backend.
+        backend = report.get("conversion_backend") or report.get("backend")
+        verdict = "faster" if speed["faster"] else "not faster"
+        lines.append(
+            f"Speed (compiled predict on {backend}, batch "
+            f"{speed['batch_size']} x {speed['sequence_length']} tokens, "
+            f"median of {speed['rounds']} alternating calls): "
+            f"{speed['converted_ms']:.1f} ms against {speed['source_ms']:.1f} "
+            f"ms, {speed['ratio']:.2f}x the source's time: {verdict}"
+        )
+    return lines
 
 
 def _backend_lines(report):
