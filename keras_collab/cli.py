@@ -2,6 +2,7 @@
 
     keras-collab convert [SOURCE] --shared-key-dim N|FRACTION --output DIR
     keras-collab report DIR
+    keras-collab export PRESET --format tf_saved_model|onnx --output DIR
 
 `keras-collab convert` with no SOURCE converts the bundled real
 all-MiniLM-L6-v2 checkpoint: the package's main job. SOURCE may be any
@@ -34,6 +35,10 @@ DEFAULT_OUTPUT = "minilm_collab"
 DEFAULT_SPEED_CANDIDATES = "0.75,0.5,0.375,0.25,0.125"
 HELD_OUT_TEXTS = 64
 BACKENDS = ("tensorflow", "jax", "torch")
+# `keras_collab.hub.export.FORMATS` (not imported here: --help stays fast).
+EXPORT_FORMATS = ("tf_saved_model", "onnx")
+# Where `convert --export FORMAT` writes, inside the new preset.
+EXPORT_FOLDER = "export"
 
 # Environment defaults for the command line, applied only where the user has
 # not set them. TensorFlow's C++ logging (also that of XLA and of
@@ -207,6 +212,7 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True)
     _add_convert_command(commands)
     _add_report_command(commands)
+    _add_export_command(commands)
     return parser
 
 
@@ -307,6 +313,15 @@ def _add_convert_command(commands):
     convert.add_argument(
         "--json", action="store_true", help="print the report as JSON"
     )
+    convert.add_argument(
+        "--export",
+        action="append",
+        choices=EXPORT_FORMATS,
+        metavar="FORMAT",
+        help="also export the converted backbone for serving, into "
+        "OUTPUT/export/FORMAT (one of: " + ", ".join(EXPORT_FORMATS) + "; "
+        "may be repeated)",
+    )
 
 
 def _add_report_command(commands):
@@ -317,9 +332,64 @@ def _add_report_command(commands):
     report.add_argument("--json", action="store_true")
 
 
+def _add_export_command(commands):
+    export = commands.add_parser(
+        "export",
+        help="export a preset's model for serving (SavedModel, ONNX)",
+        description="Export the backbone (or causal LM) of a KerasHub "
+        "preset with Keras' model.export, for TF Serving "
+        "(tf_saved_model) or ONNX Runtime (onnx). The preset is only read.",
+    )
+    export.add_argument("preset", help="preset directory")
+    export.add_argument(
+        "--format", required=True, choices=EXPORT_FORMATS, help="the format"
+    )
+    export.add_argument(
+        "--output", required=True, help="directory to write the export to"
+    )
+    export.add_argument(
+        "--model",
+        choices=("backbone", "causal_lm"),
+        default="backbone",
+        help="what to export: the backbone (default), or the causal LM's "
+        "forward pass to token logits (GPT-2-like presets)",
+    )
+    export.add_argument(
+        "--batch-size",
+        type=_positive,
+        help="fixed batch size (default: dynamic where the backend allows)",
+    )
+    export.add_argument(
+        "--sequence-length",
+        type=_positive,
+        help="fixed sequence length (default: dynamic where the backend "
+        "allows)",
+    )
+    export.add_argument(
+        "--force", action="store_true", help="replace an existing output"
+    )
+    export.add_argument(
+        "--json", action="store_true", help="print the manifest as JSON"
+    )
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got '{text}'"
+        )
+    return value
+
+
 def _output_of(args):
     if args.command == "convert":
         return os.path.abspath(args.output or DEFAULT_OUTPUT)
+    if args.command == "export":
+        return os.path.abspath(args.output)
     return os.path.abspath(args.directory)
 
 
@@ -378,6 +448,7 @@ def convert(args):
     from keras_collab.hub.fidelity import fidelity
 
     _validate(args)
+    _check_exports(args.export)
     source = args.source or sources.bundled_minilm()
     if source is None:
         raise ValueError(
@@ -424,8 +495,96 @@ def convert(args):
     with preset_files.atomic_directory(output, force=args.force) as staging:
         result.model.save_to_preset(staging)
         loaded.tokenizer.save_to_preset(staging)
+        report["exports"] = _write_exports(staging, result.model, args.export)
         preset_files.write_report(staging, report)
     return report
+
+
+def _check_exports(formats):
+    """Refuses, before converting, exports this backend cannot write."""
+    from keras_collab.hub import export
+
+    for format in formats or ():
+        export.check_supported(format)
+
+
+def _write_exports(preset, model, formats):
+    """Exports `model` into `preset`/export/FORMAT for each format (the
+    preset folder is still the staging one: all of it appears at once)."""
+    from keras_collab.hub import export
+
+    manifests = {}
+    for format in dict.fromkeys(formats or ()):
+        directory = os.path.join(preset, EXPORT_FOLDER, format)
+        manifests[format] = export.write_export(model, directory, format)
+    return manifests
+
+
+def export_preset(args):
+    """`keras-collab export`: the manifest of the export, with where it
+    was written."""
+    from keras_collab.hub import export
+
+    export.check_supported(args.format)
+    if _inside(args.output, args.preset):
+        raise ValueError(
+            "--output must lie outside the preset folder (the preset is "
+            "only read)."
+        )
+    model = export.load_preset_model(args.preset, args.model)
+    manifest = export.export_model(
+        model,
+        args.output,
+        args.format,
+        args.batch_size,
+        args.sequence_length,
+        force=args.force,
+    )
+    manifest["preset"] = os.path.abspath(args.preset)
+    manifest["output"] = os.path.abspath(args.output)
+    manifest.update(_backend_fields())
+    return manifest
+
+
+def _inside(path, folder):
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def format_export(manifest):
+    """The text `keras-collab export` prints."""
+    lines = [
+        f"Exported {manifest['model']} from {manifest['preset']}",
+        f"to {manifest['output']} ({manifest['format']}, artifact "
+        f"{manifest['artifact']})",
+        *_backend_lines(manifest),
+        *_signature_lines(manifest),
+    ]
+    return "\n".join(lines)
+
+
+def _signature_lines(manifest):
+    inputs = ", ".join(
+        f"{name} {_shape_text(spec['shape'])} {spec['dtype']}"
+        for name, spec in manifest["inputs"].items()
+    )
+    return [
+        f"Inputs: {inputs} (None: dynamic)",
+        f"Outputs, in order: {', '.join(manifest['outputs'])}",
+    ]
+
+
+def _shape_text(shape):
+    return "(" + ", ".join(str(size) for size in shape) + ")"
+
+
+def _export_lines(report):
+    """One line per export written with `convert --export`."""
+    return [
+        f"Exported {format} to "
+        f"{os.path.join(report['output'], EXPORT_FOLDER, format)}"
+        for format in report.get("exports") or {}
+    ]
 
 
 def _latency_comparison(args, backbone):
@@ -553,6 +712,7 @@ def format_report(report):
         f"Source: {report['source']}",
         f"Output: {report['output']}",
         *_backend_lines(report),
+        *_export_lines(report),
         "",
         f"{'layer':<50} {'D̃':>5} {'of':>5} {'rel. error':>10} "
         f"{'QK params':>21} {'s':>6}",
@@ -664,12 +824,13 @@ def _fidelity_line(fidelity, output=None):
 
 # The exit status of a program stopped by SIGINT (128 + 2), as shells report.
 INTERRUPTED = 130
+COMMANDS = {"convert": convert, "report": report, "export": export_preset}
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
-        result = convert(args) if args.command == "convert" else report(args)
+        result = COMMANDS[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         return _fail(str(error))
     except KeyboardInterrupt:
@@ -683,6 +844,8 @@ def main(argv=None):
         return INTERRUPTED
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.command == "export":
+        print(format_export(result))
     else:
         print(format_report(result))
     return 0
