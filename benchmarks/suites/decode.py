@@ -4,7 +4,9 @@ A GPT-2-small-shaped `keras_hub.models.GPT2CausalLM` (random weights, no
 preprocessor, greedy sampler) against its collaborative twins from
 `keras_collab.convert_model(causal_lm, shared_key_dim=D̃)`, which decode
 with one `(batch, 1, max_length, D̃ + H + H·d_v)` cache per layer where
-KerasHub keeps `(batch, layers, 2, max_length, H, d)`.
+KerasHub keeps `(batch, layers, 2, max_length, H, d)`, and, at the points
+that ask for it, with shared values too (`shared_value_dim=D̃_v`: a cache of
+`D̃ + H + D̃_v` per token and layer).
 
 For each batch size and context (the length of the padded sequence
 `generate()` gets: a prompt of `context - new_tokens` tokens, then
@@ -29,6 +31,7 @@ Results: `decode_<backend>.{json,md,png}`, or `decode_all.*` for
 `--backend-all`.
 """
 
+import argparse
 import gc
 import os
 import time
@@ -41,6 +44,7 @@ from benchmarks.harness.memory import PeakMemoryTracker
 from benchmarks.harness.metadata import detect_accelerator
 from benchmarks.harness.options import config_with_options
 from benchmarks.harness.options import integers
+from benchmarks.harness.options import positive_integer
 from benchmarks.harness.plots import label_dimensions
 from benchmarks.harness.plots import new_figure
 from benchmarks.harness.plots import save_figure
@@ -48,6 +52,7 @@ from benchmarks.harness.result_files import write_text
 from benchmarks.harness.run import start_run
 from benchmarks.harness.timing import TimingStats
 from benchmarks.harness.timing import time_call
+from benchmarks.workloads import compression
 
 SUITE = "decode"
 ORIGINAL = "original"
@@ -83,6 +88,9 @@ FULL = {
     "batch_sizes": [1, 8, 32],
     "contexts": [256, 1024],
     "shared_key_dims": [768, 384, 192, 96],
+    # (D̃, D̃_v) points run after `shared_key_dims`, D̃_v None for per-head
+    # values: none by default, so that shared values add only what is asked.
+    "points": [],
     "new_tokens": 16,
     # Timed calls per model, after one untimed (compiling) call each.
     "repeats": 5,
@@ -115,6 +123,7 @@ _OPTIONS = {
     "batches": "batch_sizes",
     "contexts": "contexts",
     "dims": "shared_key_dims",
+    "points": "points",
     "new_tokens": "new_tokens",
     "repeats": "repeats",
     "prefill_repeats": "prefill_repeats",
@@ -122,6 +131,37 @@ _OPTIONS = {
     "generate_repeats": "generate_repeats",
     "deadline_s": "deadline_s",
 }
+
+
+def points(text):
+    """Parses `--points`: comma-separated `D̃:D̃_v` (shared values of size
+    D̃_v), `D̃:none` or `D̃` (per-head values), e.g. `192:192,96:none`.
+
+    Returns:
+        A list of `[D̃, D̃_v]` pairs, D̃_v `None` for per-head values (lists,
+        as they are written to the result's configuration).
+
+    Raises:
+        argparse.ArgumentTypeError: naming an entry that is none of these.
+    """
+    entries = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            entries.append(_point(item))
+    return entries
+
+
+def _point(item):
+    key, separator, value = (part.strip() for part in item.partition(":"))
+    try:
+        if not separator or value.lower() == "none":
+            return [positive_integer(key), None]
+        return [positive_integer(key), positive_integer(value)]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            "expected D̃, D̃:none or D̃:D̃_v with positive integers; "
+            f"received {item!r}"
+        ) from None
 
 
 def add_arguments(parser):
@@ -140,7 +180,16 @@ def add_arguments(parser):
         "--dims",
         type=integers,
         help="Comma-separated shared key sizes D̃ of the converted models "
-        "(default 768,384,192,96; 64,16 with --quick).",
+        "(default 768,384,192,96; 64,16 with --quick), with per-head "
+        "values; '' for none.",
+    )
+    parser.add_argument(
+        "--points",
+        type=points,
+        help="Further converted models, after those of --dims: D̃:D̃_v "
+        "(shared values of size D̃_v), D̃:none or D̃ (per-head values), "
+        "e.g. 192:192,96:96 (default none). A point also in --dims is run "
+        "once.",
     )
     parser.add_argument(
         "--new-tokens",
@@ -204,11 +253,22 @@ def resolve_config(args):
 def _check_config(config):
     model = config["model"]
     full_rank = model["hidden_dim"]
-    for dim in config["shared_key_dims"]:
+    grid = converted_points(config)
+    if not grid:
+        raise ValueError(
+            "No converted model to compare: give D̃ values in --dims or "
+            "points in --points."
+        )
+    for dim, value_dim in grid:
         if not 0 < dim <= full_rank:
             raise ValueError(
                 f"D̃={dim} must be between 1 and num_heads * key_dim = "
                 f"{full_rank}"
+            )
+        if value_dim is not None and not 0 < value_dim <= full_rank:
+            raise ValueError(
+                f"D̃_v={value_dim} (point {dim}:{value_dim}) must be between "
+                f"1 and num_heads * value_dim = {full_rank}"
             )
     for context in config["contexts"]:
         if context > model["max_sequence_length"]:
@@ -226,6 +286,15 @@ def _check_config(config):
             raise ValueError(f"{key} must be at least 1")
 
 
+def converted_points(config):
+    """The converted models' `(D̃, D̃_v)`, in the order they are run: every
+    D̃ of `shared_key_dims` with per-head values (D̃_v `None`), then the
+    `points`; a point given twice is run once."""
+    grid = [(dim, None) for dim in config["shared_key_dims"]]
+    grid += [tuple(point) for point in config.get("points") or []]
+    return list(dict.fromkeys(grid))
+
+
 # ---------------------------------------------------------------------------
 # Counts (no backend needed)
 # ---------------------------------------------------------------------------
@@ -235,25 +304,35 @@ def head_dim(model):
     return model["hidden_dim"] // model["num_heads"]
 
 
-def expected_cache_bytes(model, context, shared_key_dim=None):
+def expected_cache_bytes(
+    model, context, shared_key_dim=None, shared_value_dim=None
+):
     """Cache bytes per sequence.
 
     The original's (`shared_key_dim=None`) is KerasHub's
     `2·H·d·layers·context·4`. The compact collaborative cache holds
     `layers·context·(D̃ + H + H·d_v)·4`: shared key, content-bias logits and
-    values. The content-bias logits carry GPT-2's query bias below full
-    size; at D̃ = H·d the conversion is exact, keeps the query bias in the
-    shared query and has no content bias, so its cache holds
-    `layers·context·(D̃ + H·d_v)·4`, as many numbers as KerasHub's.
+    values; with shared values (`shared_value_dim` D̃_v) the values are the
+    shared `Ṽ`, `layers·context·(D̃ + H + D̃_v)·4`. The content-bias logits
+    carry GPT-2's query bias below full size; at D̃ = H·d the conversion is
+    exact, keeps the query bias in the shared query and has no content bias,
+    so its cache holds `layers·context·(D̃ + H·d_v)·4` (as many numbers as
+    KerasHub's) or `layers·context·(D̃ + D̃_v)·4`. The content bias depends
+    on D̃ alone: the value side does not change it.
     """
     heads, layers = model["num_heads"], model["num_layers"]
-    values = heads * head_dim(model)
+    full = heads * head_dim(model)
     if shared_key_dim is None:
-        width = 2 * values
-    elif shared_key_dim == values:
-        width = shared_key_dim + values
+        if shared_value_dim is not None:
+            raise ValueError(
+                "shared_value_dim needs a shared_key_dim: the original "
+                "keeps per-head values."
+            )
+        width = 2 * full
     else:
-        width = shared_key_dim + heads + values
+        values = full if shared_value_dim is None else shared_value_dim
+        content_logits = 0 if shared_key_dim == full else heads
+        width = shared_key_dim + content_logits + values
     return layers * context * width * BYTES_PER_NUMBER
 
 
@@ -264,15 +343,19 @@ def score_flop_factor(model, shared_key_dim):
     return shared_key_dim / head_dim(model)
 
 
-def target_ratio(batch_size, context, shared_key_dim):
-    if shared_key_dim != TARGET_SHARED_KEY_DIM:
+def target_ratio(batch_size, context, shared_key_dim, shared_value_dim=None):
+    """The decode issue's target ratio at this point, else `None`: at
+    D̃ = 192 with per-head values only."""
+    if shared_key_dim != TARGET_SHARED_KEY_DIM or shared_value_dim is not None:
         return None
     return TARGET_RATIOS.get((batch_size, context))
 
 
-def target_status(batch_size, context, shared_key_dim, ratio):
+def target_status(
+    batch_size, context, shared_key_dim, ratio, shared_value_dim=None
+):
     """`"PASS"`/`"MISS"` where the issue sets a target, else `None`."""
-    target = target_ratio(batch_size, context, shared_key_dim)
+    target = target_ratio(batch_size, context, shared_key_dim, shared_value_dim)
     if target is None:
         return None
     if ratio is None:
@@ -280,12 +363,15 @@ def target_status(batch_size, context, shared_key_dim, ratio):
     return "PASS" if ratio >= target else "MISS"
 
 
-def model_name(shared_key_dim):
-    return (
-        ORIGINAL
-        if shared_key_dim is None
-        else f"collaborative_{shared_key_dim}"
-    )
+def model_name(shared_key_dim, shared_value_dim=None):
+    """`original`, `collaborative_{D̃}` (per-head values) or
+    `collaborative_{D̃}_v{D̃_v}` (shared values)."""
+    if shared_key_dim is None:
+        return ORIGINAL
+    name = f"collaborative_{shared_key_dim}"
+    if shared_value_dim is not None:
+        name += f"_v{shared_value_dim}"
+    return name
 
 
 # ---------------------------------------------------------------------------
@@ -335,20 +421,22 @@ def main(args):
 
 
 def _build_models(run, config):
-    """The original and one converted model per D̃, with their compiled
-    prefill and decode functions."""
+    """The original and one converted model per (D̃, D̃_v) point, with
+    their compiled prefill and decode functions."""
     from benchmarks.workloads import gpt2_decode
 
     original = gpt2_decode.build_causal_lm(config["model"])
-    models = {ORIGINAL: _Model(original, None, 0.0)}
+    models = {ORIGINAL: _Model(original, None, None, 0.0)}
     conversion_s = {}
-    for dim in config["shared_key_dims"]:
-        print(f"converting to D̃={dim}", flush=True)
+    for dim, value_dim in converted_points(config):
+        name = model_name(dim, value_dim)
+        values = "" if value_dim is None else f", D̃_v={value_dim}"
+        print(f"converting to D̃={dim}{values}", flush=True)
         converted, seconds = gpt2_decode.convert(
-            original, dim, config["conversion_max_iter"]
+            original, dim, config["conversion_max_iter"], value_dim
         )
-        models[model_name(dim)] = _Model(converted, dim, seconds)
-        conversion_s[str(dim)] = seconds
+        models[name] = _Model(converted, dim, value_dim, seconds)
+        conversion_s[name] = seconds
     run.document["config"][run.backend]["conversion_s"] = conversion_s
     return models
 
@@ -356,14 +444,24 @@ def _build_models(run, config):
 class _Model:
     """A causal LM of the grid and its compiled pieces."""
 
-    def __init__(self, causal_lm, shared_key_dim, conversion_s):
+    def __init__(
+        self, causal_lm, shared_key_dim, shared_value_dim, conversion_s
+    ):
         from benchmarks.workloads import gpt2_decode
 
         self.causal_lm = causal_lm
         self.shared_key_dim = shared_key_dim
+        self.shared_value_dim = shared_value_dim
         self.conversion_s = conversion_s
         self.prefill = gpt2_decode.prefill_function(causal_lm)
         self.decode = gpt2_decode.decode_function(causal_lm)
+        # What the converted layers say they cache per token (None for the
+        # original): a check of the measured cache and the formula.
+        self.cache_counts = None
+        if shared_key_dim is not None:
+            self.cache_counts = compression.decode_cache(
+                gpt2_decode.attention_layers(causal_lm)
+            )
 
 
 class _Call:
@@ -533,7 +631,8 @@ def _point_rows(
     new_tokens = config["new_tokens"]
     rows = []
     for name, model in models.items():
-        dim = model.shared_key_dim
+        dim, value_dim = model.shared_key_dim, model.shared_value_dim
+        counts = model.cache_counts or {}
         call_s = decode_stats[f"{name}/decode"].median_s
         fixed_s = decode_stats[f"{name}/zero"].median_s
         decode_s = max(call_s - fixed_s, 1e-12)
@@ -547,6 +646,7 @@ def _point_rows(
             "device_name": accelerator["name"],
             "model": ORIGINAL if dim is None else "collaborative",
             "shared_key_dim": dim,
+            "shared_value_dim": value_dim,
             "new_tokens": new_tokens,
             "prompt_length": context - new_tokens,
             "decode_s": decode_s,
@@ -569,8 +669,11 @@ def _point_rows(
             "prefill_plus_decode_s": prefill_s + decode_s,
             "cache_bytes_per_sequence": description["cache_bytes_per_sequence"],
             "cache_bytes_expected": expected_cache_bytes(
-                config["model"], context, dim
+                config["model"], context, dim, value_dim
             ),
+            # Numbers per token over all layers, from the layers' sizes.
+            "cache_per_token": counts.get("cache_per_token"),
+            "value_cache_share": counts.get("value_cache_share"),
             "cache_shapes": description["cache_shapes"],
             "prefill_peak_bytes": prefill[name].peak_bytes,
             "decode_peak_bytes": decode[f"{name}/decode"].peak_bytes,
@@ -586,7 +689,7 @@ def _point_rows(
 
 def _add_ratios(row, original, model):
     """Converted / original, and the target where the issue sets one."""
-    dim = row["shared_key_dim"]
+    dim, value_dim = row["shared_key_dim"], row["shared_value_dim"]
     ratio = row["decode_tokens_per_s"] / original["decode_tokens_per_s"]
     row["ratio"] = ratio
     row["prefill_ratio"] = original["prefill_s"] / row["prefill_s"]
@@ -594,12 +697,13 @@ def _add_ratios(row, original, model):
         row["cache_bytes_per_sequence"] / original["cache_bytes_per_sequence"]
     )
     row["score_flop_factor"] = score_flop_factor(model, dim)
-    row["target_ratio"] = target_ratio(row["batch_size"], row["context"], dim)
-    row["status"] = target_status(row["batch_size"], row["context"], dim, ratio)
+    where = (row["batch_size"], row["context"], dim)
+    row["target_ratio"] = target_ratio(*where, value_dim)
+    row["status"] = target_status(*where, ratio, value_dim)
 
 
 def _progress_line(row):
-    name = model_name(row["shared_key_dim"])
+    name = model_name(row["shared_key_dim"], row.get("shared_value_dim"))
     ratio = row.get("ratio")
     return (
         f"  {name}: decode {row['decode_tokens_per_s']:.1f} tokens/s"
@@ -641,19 +745,22 @@ def _markdown(document):
         f"MLP {model['intermediate_dim']}, vocabulary "
         f"{model['vocabulary_size']}, random weights, float32, greedy, no "
         "stop tokens; converted data-free with `convert_model(causal_lm, "
-        "shared_key_dim=D̃)`. Context = prompt + new tokens "
-        f"({config.get('new_tokens')} new). Decode tokens/s = batch · new "
-        "tokens / decode time: the sampler loop from a zero cache, minus the "
-        "same call generating no token; prefill (`_build_cache` over the "
-        "whole context) timed apart. Medians of calls alternating between "
-        "all models of a point; ratio = converted / original decode "
-        "tokens/s. Cache = bytes per sequence measured on the prefill's "
-        f"cache tensors (original: 2·H·d·layers·context·4; compact: "
-        "layers·context·(D̃ + H + H·d)·4, without the H content logits at "
-        "full size D̃ = H·d, where the conversion is exact).",
+        "shared_key_dim=D̃)`, or `shared_value_dim=D̃_v` too where D̃_v is "
+        "given (shared values; 'per head' otherwise). Context = prompt + "
+        f"new tokens ({config.get('new_tokens')} new). Decode tokens/s = "
+        "batch · new tokens / decode time: the sampler loop from a zero "
+        "cache, minus the same call generating no token; prefill "
+        "(`_build_cache` over the whole context) timed apart. Medians of "
+        "calls alternating between all models of a point; ratio = converted "
+        "/ original decode tokens/s. Cache = bytes per sequence measured on "
+        "the prefill's cache tensors (original: 2·H·d·layers·context·4; "
+        "compact: layers·context·(D̃ + H + H·d)·4, or (D̃ + H + D̃_v) with "
+        "shared values, without the H content logits at full size D̃ = H·d, "
+        "where the query/key conversion is exact); values share = the "
+        "values' part of the compact cache.",
         "",
         environment_markdown(document),
-        f"## Targets (D̃ = {TARGET_SHARED_KEY_DIM})",
+        f"## Targets (D̃ = {TARGET_SHARED_KEY_DIM}, per-head values)",
         "",
         _targets_table(rows),
         "## Decode",
@@ -721,6 +828,7 @@ def _decode_table(rows):
                 row["batch_size"],
                 row["context"],
                 row["shared_key_dim"] or ORIGINAL,
+                _value_cell(row),
                 row["decode_tokens_per_s"],
                 row.get("ratio"),
                 row["decode_ms_per_step"],
@@ -730,6 +838,7 @@ def _decode_table(rows):
                 row["generate_s"],
                 row["cache_bytes_per_sequence"] / MIB,
                 row.get("cache_ratio"),
+                row.get("value_cache_share"),
                 _mib(row["prefill_peak_bytes"]),
                 _mib(row["decode_peak_bytes"]),
                 row.get("status") or "",
@@ -741,6 +850,7 @@ def _decode_table(rows):
             "batch:",
             "context:",
             "D̃:",
+            "D̃_v:",
             "decode tokens/s:",
             "ratio:",
             "ms/step:",
@@ -750,6 +860,7 @@ def _decode_table(rows):
             "generate s:",
             "cache MiB/seq:",
             "cache ratio:",
+            "values share:",
             "prefill peak MiB:",
             "decode peak MiB:",
             "target",
@@ -760,6 +871,21 @@ def _decode_table(rows):
 
 def _mib(value):
     return None if value is None else value / MIB
+
+
+def _value_cell(row):
+    """The D̃_v column: `""` for the original, `per head` or D̃_v."""
+    if row["shared_key_dim"] is None:
+        return ""
+    value = row.get("shared_value_dim")
+    return "per head" if value is None else value
+
+
+def _point_text(row):
+    """`D̃ 192` or `D̃ 192 D̃_v 96`, for sentences."""
+    text = f"D̃ {row['shared_key_dim']}"
+    value = row.get("shared_value_dim")
+    return text if value is None else f"{text} D̃_v {value}"
 
 
 def _losses_text(rows, model):
@@ -776,7 +902,7 @@ def _losses_text(rows, model):
         f"the score FLOPs per token grow by D̃/d_k ({_factors(rows, d)}), "
         "plus the mixing. What it saves is cache traffic: per token and "
         "layer the compact cache holds D̃ + H + H·d numbers (D̃ + H·d at "
-        "full size) where KerasHub's "
+        "full size; D̃ + H + D̃_v with shared values) where KerasHub's "
         "holds 2·H·d, and each layer's cache is a tensor of its own, where "
         "KerasHub slices every layer's cache out of one (batch, layers, 2, "
         "...) tensor and stacks them back every step (a copy of the whole "
@@ -792,8 +918,7 @@ def _losses_text(rows, model):
     if losses:
         points = ", ".join(
             f"{row['backend']} batch {row['batch_size']} context "
-            f"{row['context']} D̃ {row['shared_key_dim']} "
-            f"({row['ratio']:.2f}x)"
+            f"{row['context']} {_point_text(row)} ({row['ratio']:.2f}x)"
             for row in losses
         )
         lines.append(f"Measured slower than the original: {points}.")
@@ -812,7 +937,9 @@ def _factors(rows, d):
 
 
 def _plot(rows, path):
-    """Decode and prefill ratios against D̃, one column per backend."""
+    """Decode and prefill ratios against D̃, one column per backend: one
+    colour per (batch, context), solid for per-head values, dashed through
+    the shared-value points (each labelled with its D̃_v)."""
     backends = sorted({row["backend"] for row in rows})
     points = sorted({(row["batch_size"], row["context"]) for row in rows})
     figure, axes = new_figure(2, len(backends))
@@ -829,38 +956,54 @@ def _plot(rows, path):
             _format_panel(ax, rows, backend, f"{backend}: {title}")
     figure.suptitle(
         "Converted / original (x: target at D̃ = "
-        f"{TARGET_SHARED_KEY_DIM}); grey: parity",
+        f"{TARGET_SHARED_KEY_DIM}, per-head values); dashed: shared values; "
+        "grey: parity",
         fontsize=10,
     )
     save_figure(figure, path)
 
 
 def _plot_point(ax, rows, backend, batch_size, context, key, index):
-    rows = sorted(
-        (
-            row
-            for row in rows
-            if row["backend"] == backend
-            and (row["batch_size"], row["context"]) == (batch_size, context)
-            and row.get(key) is not None
-        ),
-        key=lambda row: row["shared_key_dim"],
-    )
-    if not rows:
-        return
+    rows = [
+        row
+        for row in rows
+        if row["backend"] == backend
+        and (row["batch_size"], row["context"]) == (batch_size, context)
+        and row.get(key) is not None
+    ]
     color = f"C{index % 10}"
-    ax.plot(
-        [row["shared_key_dim"] for row in rows],
-        [row[key] for row in rows],
-        "o-",
-        color=color,
-        label=f"batch {batch_size}, context {context}",
-    )
+    label = f"batch {batch_size}, context {context}"
+    per_head = [row for row in rows if row.get("shared_value_dim") is None]
+    shared = [row for row in rows if row.get("shared_value_dim") is not None]
+    for group, style, suffix in (
+        (per_head, "o-", ""),
+        (shared, "s--", ", shared values"),
+    ):
+        group.sort(key=lambda row: (row["shared_key_dim"], _value_key(row)))
+        if not group:
+            continue
+        dims = [row["shared_key_dim"] for row in group]
+        values = [row[key] for row in group]
+        ax.plot(dims, values, style, color=color, label=label + suffix)
+    for row in shared:
+        ax.annotate(
+            f"v{row['shared_value_dim']}",
+            (row["shared_key_dim"], row[key]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=6,
+            color=color,
+        )
     target = TARGET_RATIOS.get((batch_size, context))
-    if key == "ratio" and target is not None:
+    if key == "ratio" and target is not None and per_head:
         ax.plot(
             [TARGET_SHARED_KEY_DIM], [target], "x", color=color, markersize=9
         )
+
+
+def _value_key(row):
+    value = row.get("shared_value_dim")
+    return -1 if value is None else value
 
 
 def _format_panel(ax, rows, backend, title):

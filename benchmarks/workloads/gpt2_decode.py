@@ -54,20 +54,38 @@ def build_causal_lm(shape, seed=0):
     return causal_lm
 
 
-def convert(causal_lm, shared_key_dim, max_iter):
+def convert(causal_lm, shared_key_dim, max_iter, shared_value_dim=None):
     """The collaborative twin of `causal_lm` at D̃ = `shared_key_dim`.
 
     Data-free (`keras_collab.convert_model` on the weights alone), with at
     most `max_iter` decomposition sweeps per layer: decoding time does not
     depend on how well the factors fit.
 
+    Args:
+        causal_lm: The original `GPT2CausalLM`.
+        shared_key_dim: D̃ of every layer.
+        max_iter: Decomposition sweeps per layer (0: the spectral start).
+        shared_value_dim: D̃_v of shared values in every layer, or `None`
+            for per-head values.
+
     Returns:
         `(converted causal LM, seconds the conversion took)`.
     """
     conversion = keras_collab.convert_model(
-        causal_lm, shared_key_dim=shared_key_dim, max_iter=max_iter
+        causal_lm,
+        shared_key_dim=shared_key_dim,
+        shared_value_dim=shared_value_dim,
+        max_iter=max_iter,
     )
     return conversion.model, conversion.seconds
+
+
+def attention_layers(causal_lm):
+    """The self-attention layers of a GPT-2 causal LM, first to last."""
+    return [
+        layer._self_attention_layer
+        for layer in causal_lm.backbone.transformer_layers
+    ]
 
 
 def prompts(batch_size, context, new_tokens, vocabulary_size, seed=0):
@@ -154,10 +172,7 @@ def empty_cache(causal_lm, batch_size, max_length):
     """The zero cache `_build_cache` starts from: KerasHub's
     `(batch, num_layers, 2, max_length, num_heads, head_dim)` tensor, or
     the converted model's tuple of compact per-layer caches."""
-    layers = [
-        layer._self_attention_layer
-        for layer in causal_lm.backbone.transformer_layers
-    ]
+    layers = attention_layers(causal_lm)
     dtype = causal_lm.compute_dtype
     if all(
         isinstance(layer, keras_collab.CachedCollaborativeMultiHeadAttention)
