@@ -33,7 +33,26 @@ import time
 DEFAULT_SHARED_KEY_DIM = "0.5"
 DEFAULT_OUTPUT = "minilm_collab"
 DEFAULT_SPEED_CANDIDATES = "0.75,0.5,0.375,0.25,0.125"
-HELD_OUT_TEXTS = 64
+# The default recipe: activation-aware decomposition on DEFAULT_SAMPLES texts
+# of every calibration domain (`keras_collab.hub.corpus`), then layer-wise
+# refinement and a short distillation; README "Conversion defaults".
+DEFAULT_SAMPLES = 256
+DEFAULT_REFINE_STEPS = 60
+DEFAULT_DISTILL_STEPS = 150
+DEFAULT_DISTILL_LEARNING_RATE = 1e-4
+# Held-out texts: the same number from each held-out domain.
+HELD_OUT_TEXTS = 128
+# keras_collab.hub.corpus's split, named here so that `--help` stays fast.
+CALIBRATION_DOMAINS = (
+    "docstrings",
+    "comments",
+    "reference",
+    "narrative",
+    "dialogue",
+    "lists",
+    "numbers",
+)
+HELD_OUT_DOMAINS = ("package_metadata", "everyday")
 BACKENDS = ("tensorflow", "jax", "torch")
 # `keras_collab.hub.export.FORMATS` (not imported here: --help stays fast).
 EXPORT_FORMATS = ("tf_saved_model", "onnx")
@@ -222,7 +241,11 @@ def _add_convert_command(commands):
         help="convert the attention layers of a KerasHub model",
         description="Re-parametrize every attention layer of a KerasHub "
         "model into collaborative form and save it as a preset. Without "
-        "SOURCE, converts the bundled all-MiniLM-L6-v2.",
+        "SOURCE, converts the bundled all-MiniLM-L6-v2. By default it "
+        "calibrates on the built-in corpus's calibration domains "
+        f"({', '.join(CALIBRATION_DOMAINS)}), refines and distils, and "
+        "measures fidelity on its held-out domains "
+        f"({', '.join(HELD_OUT_DOMAINS)}), which calibration never sees.",
     )
     convert.add_argument(
         "source",
@@ -271,8 +294,10 @@ def _add_convert_command(commands):
     convert.add_argument(
         "--samples",
         type=int,
-        default=256,
-        help="number of calibration texts (default 256)",
+        default=DEFAULT_SAMPLES,
+        help="number of calibration texts (default "
+        f"{DEFAULT_SAMPLES}, every calibration domain of the built-in "
+        "corpus in turn)",
     )
     convert.add_argument(
         "--target-error",
@@ -282,8 +307,9 @@ def _add_convert_command(commands):
     convert.add_argument(
         "--refine-steps",
         type=int,
-        default=0,
-        help="gradient steps per layer matching the original attention",
+        help="gradient steps per layer matching the original attention "
+        f"(default {DEFAULT_REFINE_STEPS} below full size with calibration; "
+        "0 turns refinement off)",
     )
     convert.add_argument(
         "--refine-objective",
@@ -295,14 +321,23 @@ def _add_convert_command(commands):
     convert.add_argument(
         "--distill-steps",
         type=int,
-        default=0,
         help="steps of a final distillation of the whole model toward the "
-        "original on the calibration texts",
+        "original on the calibration texts (default "
+        f"{DEFAULT_DISTILL_STEPS} below full size with calibration; 0 turns "
+        "distillation off)",
+    )
+    convert.add_argument(
+        "--distill-learning-rate",
+        type=float,
+        default=DEFAULT_DISTILL_LEARNING_RATE,
+        help="Adam learning rate of the distillation (default "
+        f"{DEFAULT_DISTILL_LEARNING_RATE:g})",
     )
     convert.add_argument(
         "--no-calibration",
         action="store_true",
-        help="decompose the weights alone (not activation-aware)",
+        help="decompose the weights alone (not activation-aware; also "
+        "turns the default refinement and distillation off)",
     )
     convert.add_argument(
         "--sequence-length", type=int, default=128, help="tokens per text"
@@ -401,15 +436,17 @@ def _fail(message):
 def _validate(args):
     if args.samples < 1:
         raise ValueError("--samples must be at least 1.")
-    if args.refine_steps < 0:
+    if args.refine_steps is not None and args.refine_steps < 0:
         raise ValueError("--refine-steps must be >= 0.")
+    if args.distill_learning_rate <= 0:
+        raise ValueError("--distill-learning-rate must be > 0.")
     for flag, value in (
         ("--target-error", args.target_error),
         ("--value-target-error", args.value_target_error),
     ):
         if value is not None and not 0 < value < 1:
             raise ValueError(f"{flag} must lie in (0, 1).")
-    if args.distill_steps < 0:
+    if args.distill_steps is not None and args.distill_steps < 0:
         raise ValueError("--distill-steps must be >= 0.")
     if args.refine_steps and args.no_calibration:
         raise ValueError("--refine-steps needs calibration data.")
@@ -445,7 +482,6 @@ def convert(args):
     from keras_collab.hub import preset_files
     from keras_collab.hub import sources
     from keras_collab.hub import text
-    from keras_collab.hub.fidelity import fidelity
 
     _validate(args)
     _check_exports(args.export)
@@ -465,14 +501,13 @@ def convert(args):
     loaded = sources.load_source(source, args.sequence_length)
     latency = _latency_comparison(args, loaded.backbone)
     selection = _choose_shared_key_dim(args, loaded.backbone, latency)
-    calibration_texts, held_out_texts = text.calibration_and_held_out(
-        args.samples, args.calibration, HELD_OUT_TEXTS
-    )
+    _apply_default_training(args, loaded.backbone)
+    calibration_texts = text.calibration_texts(args.samples, args.calibration)
     calibration = None
     if not args.no_calibration:
         calibration = text.encode(loaded.preprocessor, calibration_texts)
         text.check_nonempty(calibration)
-    held_out = text.encode(loaded.preprocessor, held_out_texts)
+    held_out = _held_out_batches(loaded.preprocessor, calibration_texts)
     result = convert_model(
         loaded.backbone,
         args.shared_key_dim,
@@ -483,9 +518,10 @@ def convert(args):
         refine_steps=args.refine_steps,
         refine_objective=args.refine_objective,
         distill_steps=args.distill_steps,
+        distill_learning_rate=args.distill_learning_rate,
         progress=not args.json,
     )
-    measured = fidelity(loaded.backbone, result.model, held_out)
+    measured = _fidelity_by_domain(loaded.backbone, result.model, held_out)
     report = _conversion_report(args, source, output, result, measured)
     report["total_params_before"] = loaded.backbone.count_params()
     report.update(_backend_fields())
@@ -587,6 +623,60 @@ def _export_lines(report):
     ]
 
 
+def _approximates(args, backbone):
+    """Whether the conversion approximates any layer (below full size, a
+    target error, or shared values); a full-size conversion is exact."""
+    from keras_collab.conversion.attention import full_shared_key_dim
+    from keras_collab.conversion.attention import resolve_shared_key_dim
+    from keras_collab.conversion.model import find_sites
+
+    if args.target_error is not None or args.shared_value_dim is not None:
+        return True
+    if args.value_target_error is not None:
+        return True
+    return any(
+        resolve_shared_key_dim(args.shared_key_dim, site.layer)
+        < full_shared_key_dim(site.layer)
+        for site in find_sites(backbone)
+    )
+
+
+def _apply_default_training(args, backbone):
+    """Fills in the refinement and distillation steps the user left out:
+    the defaults when the conversion is calibrated and approximates a
+    layer, otherwise 0 (nothing to train toward, or no data to train on)."""
+    train = not args.no_calibration and _approximates(args, backbone)
+    if args.refine_steps is None:
+        args.refine_steps = DEFAULT_REFINE_STEPS if train else 0
+    if args.distill_steps is None:
+        args.distill_steps = DEFAULT_DISTILL_STEPS if train else 0
+
+
+def _held_out_batches(preprocessor, calibration_texts):
+    """`{held-out domain: encoded batches}`, without calibration texts."""
+    from keras_collab.hub import text
+
+    by_domain = text.held_out_by_domain(HELD_OUT_TEXTS, calibration_texts)
+    return {
+        domain: text.encode(preprocessor, texts)
+        for domain, texts in by_domain.items()
+    }
+
+
+def _fidelity_by_domain(original, converted, held_out):
+    """Fidelity on all held-out texts together, with each held-out domain
+    under `"domains"` (`held_out`: `{domain: batches}`)."""
+    from keras_collab.hub.fidelity import fidelity
+
+    every = [batch for batches in held_out.values() for batch in batches]
+    measured = fidelity(original, converted, every)
+    measured["domains"] = {
+        domain: fidelity(original, converted, batches)
+        for domain, batches in held_out.items()
+    }
+    return measured
+
+
 def _latency_comparison(args, backbone):
     """The source timed on a small batch at the conversion's sequence
     length, for the speed report; `None` with `--no-speed`."""
@@ -641,6 +731,8 @@ def _conversion_report(args, source, output, result, fidelity):
         }
         row.update(result.refinement.get(path, {}))
         layers.append(row)
+    from keras_collab.hub import corpus
+
     before, after = result.qk_params_before, result.qk_params_after
     vo_before = sum(row["vo_params_before"] for row in layers)
     vo_after = sum(row["vo_params_after"] for row in layers)
@@ -652,6 +744,10 @@ def _conversion_report(args, source, output, result, fidelity):
         "calibration": None
         if args.no_calibration
         else (args.calibration or "builtin corpus"),
+        "calibration_domains": None
+        if args.no_calibration or args.calibration
+        else list(corpus.CALIBRATION_DOMAINS),
+        "held_out_domains": list(corpus.HELD_OUT_DOMAINS),
         "samples": 0 if args.no_calibration else args.samples,
         "sequence_length": args.sequence_length,
         "refine_steps": args.refine_steps,
@@ -659,6 +755,9 @@ def _conversion_report(args, source, output, result, fidelity):
         if args.refine_steps
         else None,
         "distill_steps": args.distill_steps,
+        "distill_learning_rate": args.distill_learning_rate
+        if args.distill_steps
+        else None,
         "distillation": result.distillation or None,
         "target_error": args.target_error,
         "value_target_error": args.value_target_error,
@@ -679,7 +778,6 @@ def report(args):
     from keras_collab.hub import preset_files
     from keras_collab.hub import sources
     from keras_collab.hub import text
-    from keras_collab.hub.fidelity import fidelity
 
     stored = preset_files.read_report(args.directory)
     converted = keras_hub.models.Backbone.from_preset(args.directory)
@@ -689,11 +787,18 @@ def report(args):
     )
     original = sources.load_source(stored["source"], length)
     preprocessor = sources.load_preprocessor(args.directory, length)
-    _, held_out_texts = text.calibration_and_held_out(
-        stored["samples"] or 256, held_out=HELD_OUT_TEXTS
+    # The held-out texts of the conversion: those of the held-out domains
+    # that are not calibration texts.
+    calibration_file = stored.get("calibration")
+    if calibration_file and not os.path.isfile(calibration_file):
+        calibration_file = None  # the built-in corpus, or a file now gone
+    calibration_texts = text.calibration_texts(
+        stored["samples"] or DEFAULT_SAMPLES, calibration_file
     )
-    held_out = text.encode(preprocessor, held_out_texts)
-    stored["fidelity"] = fidelity(original.backbone, converted, held_out)
+    held_out = _held_out_batches(preprocessor, calibration_texts)
+    stored["fidelity"] = _fidelity_by_domain(
+        original.backbone, converted, held_out
+    )
     stored["output"] = os.path.abspath(args.directory)
     # The stored report's backend is the conversion's; this is the run's.
     if "backend" in stored:
@@ -738,6 +843,8 @@ def format_report(report):
     ]
     if "encoder" in fidelity:
         lines.append(_fidelity_line(fidelity["encoder"], "encoder output"))
+    for domain, measured in fidelity.get("domains", {}).items():
+        lines.append("  " + _fidelity_line(measured, domain=domain))
     lines.append(
         f"Conversion time: {report['conversion_seconds']:.1f} s "
         "(model loading excluded)"
@@ -809,12 +916,13 @@ def _ratio(before, after):
     return f"{before / after:.2f}x"
 
 
-def _fidelity_line(fidelity, output=None):
+def _fidelity_line(fidelity, output=None, domain=None):
     # "decoder_sequence_output" -> "decoder output"
     what = output.replace("_sequence_output", " output") if output else ""
     what = f" ({what.replace('_', ' ')})" if what else ""
+    texts = f"{domain} texts" if domain else "held-out texts"
     return (
-        f"Fidelity on {fidelity['texts']} held-out texts{what}: mean cosine "
+        f"Fidelity on {fidelity['texts']} {texts}{what}: mean cosine "
         f"{fidelity['mean_cosine']:.5f}, min cosine "
         f"{fidelity['min_cosine']:.5f}, Spearman of pairwise similarities "
         f"{fidelity['spearman_pairwise']:.4f}, max |difference| "
