@@ -53,7 +53,8 @@ FULL = {
     "batch_sizes": [1, 32],
     "seq_lens": [128, 512],
     # Per point: seconds of timed rounds, within these bounds of rounds,
-    # after the first (compiling) call and `warmup_calls` more of each.
+    # after the first (compiling) call and `warmup_calls` more of each (0:
+    # the first call is the only warm-up).
     "budget_s": 10.0,
     "min_repeats": 3,
     "max_repeats": 25,
@@ -87,6 +88,7 @@ _OPTIONS = {
     "budget_s": "budget_s",
     "min_repeats": "min_repeats",
     "max_repeats": "max_repeats",
+    "warmup_calls": "warmup_calls",
     "deadline_s": "deadline_s",
 }
 
@@ -136,6 +138,13 @@ def add_arguments(parser):
         help="Most timed rounds per point (default 25; 5 with --quick).",
     )
     parser.add_argument(
+        "--warmup-calls",
+        type=int,
+        help="Untimed calls of each model after its first, compiling call "
+        "(default 1; 0: the first call is the only warm-up, which saves "
+        "one call per model at the most expensive points).",
+    )
+    parser.add_argument(
         "--deadline-s",
         type=float,
         help="Run no point that would end after this many seconds from the "
@@ -172,6 +181,8 @@ def _check_config(config):
             raise ValueError(f"{key} must be positive integers")
     if not 1 <= config["min_repeats"] <= config["max_repeats"]:
         raise ValueError("Need 1 <= --min-repeats <= --max-repeats")
+    if config["warmup_calls"] < 0:
+        raise ValueError("--warmup-calls must be >= 0")
 
 
 # ---------------------------------------------------------------------------
@@ -353,7 +364,7 @@ def _calls_per_model(round_s, config):
         config["max_repeats"],
     )
     repeats = max(repeats, config["min_repeats"])
-    return 1 + max(config["warmup_calls"], 1) + repeats
+    return 1 + config["warmup_calls"] + repeats
 
 
 def _past_deadline(start, deadline_s, estimate_s):
@@ -402,24 +413,47 @@ def _measure_point(models, config, where):
     backbones.update(
         {_name(dim): converted for dim, converted in model["converted"].items()}
     )
-    steps, first_call_s = {}, {}
-    for key, backbone in backbones.items():
-        forward = compiled_forward(backbone)
-        steps[key] = lambda forward=forward: forward(inputs)
-        first_call_s[key] = time_call(steps[key])
+    steps = {
+        key: _FirstCallTimed(compiled_forward(backbone), inputs)
+        for key, backbone in backbones.items()
+    }
+    if config["warmup_calls"]:
+        for step in steps.values():
+            step()
+    # With no warm-up call asked for, time_alternating's one warm-up round
+    # is the first, compiling call.
     stats = time_alternating(
         steps,
-        warmup_calls=config["warmup_calls"],
+        warmup_calls=max(config["warmup_calls"], 1),
         min_repeats=config["min_repeats"],
         max_repeats=config["max_repeats"],
         budget_s=config["budget_s"],
     )
+    first_call_s = {key: step.first_call_s for key, step in steps.items()}
     rows = [
         _speed_row(where, model["shape"], dim, stats, first_call_s)
         for dim in model["converted"]
     ]
-    calls = 1 + max(config["warmup_calls"], 1) + stats[ORIGINAL].repeats
+    calls = 1 + config["warmup_calls"] + stats[ORIGINAL].repeats
     return rows, calls
+
+
+class _FirstCallTimed:
+    """`forward(inputs)` as a step of no arguments that records how long
+    its first call (the compilation included) took."""
+
+    def __init__(self, forward, inputs):
+        self._forward, self._inputs = forward, inputs
+        self.first_call_s = None
+
+    def __call__(self):
+        if self.first_call_s is None:
+            self.first_call_s = time_call(self._call)
+        else:
+            self._call()
+
+    def _call(self):
+        self._forward(self._inputs)
 
 
 def _speed_row(where, shape, dim, stats, first_call_s):

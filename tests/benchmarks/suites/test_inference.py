@@ -58,6 +58,7 @@ def test_options_override_the_grid():
         ["--batch-sizes", "0"],
         ["--shared-key-dims", ""],
         ["--min-repeats", "5", "--max-repeats", "2"],
+        ["--warmup-calls", "-1"],
     ],
 )
 def test_impossible_options_are_rejected(argv):
@@ -227,3 +228,27 @@ def test_quick_run_end_to_end(tmp_path):
     markdown = next(tmp_path.glob("inference_*.md")).read_text()
     assert "(--quick)" in markdown and "## Break-even D̃" in markdown
     assert next(tmp_path.glob("inference_*.png")).stat().st_size > 0
+
+
+def test_first_call_is_timed_once():
+    calls = []
+    step = inference._FirstCallTimed(calls.append, "inputs")
+    step()
+    first = step.first_call_s
+    step()
+    assert calls == ["inputs", "inputs"]
+    assert first is not None and step.first_call_s == first
+
+
+@pytest.mark.parametrize(
+    "round_s, warmup_calls, expected",
+    [
+        (0.1, 1, 1 + 1 + 25),  # capped at --max-repeats
+        (2.0, 1, 1 + 1 + 5),  # 10 s of rounds
+        (60.0, 1, 1 + 1 + 3),  # at least --min-repeats
+        (60.0, 0, 1 + 3),  # the first call is the warm-up
+    ],
+)
+def test_calls_per_model(round_s, warmup_calls, expected):
+    config = resolved_config(inference, ["--warmup-calls", str(warmup_calls)])
+    assert inference._calls_per_model(round_s, config) == expected
