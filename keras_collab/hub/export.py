@@ -80,6 +80,9 @@ _KNOWN_FAILURES = {
 }
 
 
+_BACKENDS = {backend for backend, _ in _DYNAMIC_AXES}
+
+
 def _backend():
     return keras.backend.backend()
 
@@ -101,9 +104,17 @@ def unsupported_reason(format, backend=None):
     True
     >>> unsupported_reason("tf_saved_model", "torch").startswith("Keras")
     True
+    >>> unsupported_reason("onnx", "numpy")
+    'keras-collab exports on the jax, tensorflow, torch backends only.'
     """
     check_format(format)
-    return _UNSUPPORTED.get((backend or _backend(), format))
+    backend = backend or _backend()
+    if (backend, format) not in _DYNAMIC_AXES | _UNSUPPORTED:
+        return (
+            f"keras-collab exports on the {', '.join(sorted(_BACKENDS))} "
+            "backends only."
+        )
+    return _UNSUPPORTED.get((backend, format))
 
 
 def check_supported(format, backend=None):
@@ -140,6 +151,14 @@ def input_signature(
     where the backend's exporter allows it (see the module's table), and is
     otherwise `DEFAULT_BATCH_SIZE` or the model's sequence length
     (`DEFAULT_SEQUENCE_LENGTH`, at most its `max_sequence_length`).
+
+    Args:
+        model: A built functional model.
+        format: One of `FORMATS`, on a backend that exports it.
+        batch_size: A fixed batch size, or `None`.
+        sequence_length: A fixed sequence length, or `None`.
+        backend: The backend whose exporter the specs are for (default:
+            the running one).
 
     Returns:
         The structure of `model.input` (a dict for KerasHub models), of
