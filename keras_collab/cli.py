@@ -768,6 +768,7 @@ def _conversion_report(args, source, output, result, fidelity):
         "vo_params_after": vo_after,
         "fidelity": fidelity,
         "conversion_seconds": result.seconds,
+        "conversion_stage_seconds": result.stage_seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -849,6 +850,14 @@ def format_report(report):
         f"Conversion time: {report['conversion_seconds']:.1f} s "
         "(model loading excluded)"
     )
+    # Reports written before the split was recorded have none.
+    if report.get("conversion_stage_seconds"):
+        from keras_collab.conversion.progress import format_stage_seconds
+
+        lines.append(
+            "  by stage: "
+            + format_stage_seconds(report["conversion_stage_seconds"])
+        )
     lines += _speed_lines(report)
     return "\n".join(lines)
 

@@ -288,6 +288,59 @@ def convert_attention(
     >>> result.layer.shared_key_dim, result.relative_error < 1.0
     (16, True)
     """
+    start = time.perf_counter()
+    decomposed = decompose_attention(
+        mha,
+        shared_key_dim,
+        shared_value_dim=shared_value_dim,
+        calibration=calibration,
+        target_error=target_error,
+        value_target_error=value_target_error,
+        seed=seed,
+        tol=tol,
+        max_iter=max_iter,
+    )
+    return build_conversion(
+        mha, decomposed, layer_class=layer_class, name=name, start=start
+    )
+
+
+@dataclasses.dataclass
+class AttentionDecomposition:
+    """The factors `convert_attention` builds a layer from (NumPy only).
+
+    Attributes:
+        query_key: `CPResult` of the per-head query/key products.
+        value_output: `CPResult` of the value/output products, or `None`
+            for per-head values.
+        seconds: Wall time of the decomposition.
+    """
+
+    query_key: decomposition.CPResult
+    value_output: decomposition.CPResult = None
+    seconds: float = 0.0
+
+
+def decompose_attention(
+    mha,
+    shared_key_dim=None,
+    *,
+    shared_value_dim=None,
+    calibration=None,
+    target_error=None,
+    value_target_error=None,
+    seed=0,
+    tol=1e-7,
+    max_iter=500,
+):
+    """The decomposition step of `convert_attention` (same arguments),
+    which builds no layer: plain NumPy work on `mha`'s weights, safe to run
+    in a worker thread (`keras_collab.conversion.model.convert_sites` runs
+    layers side by side).
+
+    Returns:
+        An `AttentionDecomposition`.
+    """
     _check_convertible(mha)
     start = time.perf_counter()
     statistics = None if calibration is None else as_statistics(calibration)
@@ -300,6 +353,30 @@ def convert_attention(
         value_cp = _decompose_value_output(
             mha, shared_value_dim, statistics, value_target_error, solver
         )
+    return AttentionDecomposition(
+        query_key=cp,
+        value_output=value_cp,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def build_conversion(
+    mha, decomposed, *, layer_class=None, name=None, start=None
+):
+    """The collaborative layer of a decomposition of `mha`.
+
+    Args:
+        mha: The layer that `decompose_attention` decomposed.
+        decomposed: Its `AttentionDecomposition`.
+        layer_class, name: As in `convert_attention`.
+        start: `time.perf_counter()` when the conversion started; by
+            default the decomposition's own time is counted.
+
+    Returns:
+        An `AttentionConversion`.
+    """
+    build_start = time.perf_counter()
+    cp, value_cp = decomposed.query_key, decomposed.value_output
     layer_class = layer_class or collaborative_class_for(mha)
     value_side = {}
     if value_cp is not None:
@@ -307,12 +384,17 @@ def convert_attention(
     layer = layer_class.from_multi_head_attention(
         mha, query_key=_query_key_side(mha, cp), name=name, **value_side
     )
+    end = time.perf_counter()
+    if start is None:
+        seconds = decomposed.seconds + end - build_start
+    else:
+        seconds = end - start
     return AttentionConversion(
         layer=layer,
         shared_key_dim=layer.shared_key_dim,
         relative_error=float(cp.relative_error),
         iterations=int(cp.iterations),
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         qk_params_before=query_key_parameters(mha),
         qk_params_after=query_key_parameters(layer),
         shared_value_dim=None if value_cp is None else layer.shared_value_dim,

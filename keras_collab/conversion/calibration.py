@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_collab.decomposition import second_moment
+from keras_collab.kernels.compiled import compile_inference
 
 
 @dataclasses.dataclass
@@ -85,55 +86,171 @@ def as_statistics(calibration):
 
 
 def collect_statistics(model, sites, calibration_data):
-    """Runs `model` eagerly on the calibration batches and returns
-    `{site path: AttentionStatistics}` of the inputs each site sees."""
+    """`{site path: AttentionStatistics}` of the inputs each site sees on
+    the calibration batches.
+
+    The model runs in one compiled function (`compile_inference`: a
+    `tf.function` on TensorFlow, `jax.jit` on JAX, eager without gradients
+    on PyTorch) that returns, per site, the masked sums of the query, key
+    and value outer products; the second moments need nothing else. Those
+    sums are formed on the device in float32 and accumulated over batches
+    on the host in float64. The function is traced once per batch shape, so
+    batches should come in a few padded lengths (`keras_collab.hub.text`
+    pads to multiples of 16): padded tokens are masked out of the attention
+    and of the sums, and the statistics equal those of the unpadded batches
+    (`attention_statistics` of `record_attention_inputs`, the eager
+    reference, up to float32 round-off).
+    """
     layers = {site.path: site.layer for site in sites}
-    with record_attention_inputs(layers) as records:
+    totals = {}
+    with record_attention_sums(layers) as recorded:
+
+        def step(trainable, non_trainable, batch):
+            for calls in recorded.values():
+                calls.clear()
+            model.stateless_call(
+                trainable, non_trainable, batch, training=False
+            )
+            return {path: list(calls) for path, calls in recorded.items()}
+
+        compiled = compile_inference(step)
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
         for batch in as_batches(calibration_data):
-            model(batch, training=False)
-    return attention_statistics(records)
+            batch = keras.tree.map_structure(keras.ops.convert_to_tensor, batch)
+            sums = compiled(trainable, non_trainable, batch)
+            _accumulate(totals, sums)
+    return _statistics_from_sums(totals)
+
+
+_SUM_FIELDS = ("query", "key", "value", "query_tokens", "key_tokens")
+
+
+def _accumulate(totals, sums):
+    """Adds one batch's per-call sums into `totals`, in float64."""
+    for path, calls in sums.items():
+        for call in calls:
+            total = totals.setdefault(path, dict.fromkeys(_SUM_FIELDS, 0.0))
+            for field in _SUM_FIELDS:
+                value = keras.ops.convert_to_numpy(call[field])
+                total[field] = total[field] + value.astype("float64")
+
+
+def _statistics_from_sums(totals):
+    statistics = {}
+    for path, total in totals.items():
+        moments = {}
+        for field, tokens in (
+            ("query", "query_tokens"),
+            ("key", "key_tokens"),
+            ("value", "key_tokens"),
+        ):
+            moment = total[field] / max(float(total[tokens]), 1.0)
+            if not np.all(np.isfinite(moment)):
+                raise ValueError(
+                    f"The {field} inputs of attention layer '{path}' contain "
+                    "non-finite values on the calibration data."
+                )
+            # Exactly symmetric, as `second_moment` returns it.
+            moments[field] = (moment + moment.T) / 2
+        statistics[path] = AttentionStatistics(
+            query_moment=moments["query"],
+            key_moment=moments["key"],
+            tokens=int(total["query_tokens"]),
+            value_moment=moments["value"],
+        )
+    return statistics
+
+
+def _bound_inputs(signature, args, kwargs):
+    """`(query, key, value, attention_mask)` of one call of a Keras MHA
+    layer; the key defaults to the value, as in Keras."""
+    arguments = signature.bind(*args, **kwargs).arguments
+    value = arguments["value"]
+    key = arguments.get("key")
+    if key is None:
+        key = value
+    return arguments["query"], key, value, arguments.get("attention_mask")
+
+
+def attention_sums(query, key, value, mask):
+    """Masked sums of outer products of one attention call's inputs, in
+    float32 backend tensors (what `attention_statistics` computes on the
+    host, before the division by the token counts).
+
+    Returns:
+        A dict: `query`, `(D_q, D_q)` sum of `x xᵀ` over real query tokens;
+        `key`, `(D_k, D_k)` the same over real keys centred per sequence;
+        `value`, `(D_v, D_v)` the plain sum over real keys; `query_tokens`
+        and `key_tokens`, the counts.
+    """
+    ops = keras.ops
+    same_value = value is key
+    self_attention = same_value and query is key
+    query = ops.cast(query, "float32")
+    key = ops.cast(key, "float32")
+    query_valid, key_valid, same_validity = _validity(query, key, mask)
+    query_gram = _masked_gram(query, query_valid)
+    key_gram = _masked_gram(_centered(key, key_valid), key_valid)
+    if self_attention and same_validity:
+        value_gram = query_gram
+    elif same_value:
+        value_gram = _masked_gram(key, key_valid)
+    else:
+        value_gram = _masked_gram(ops.cast(value, "float32"), key_valid)
+    return {
+        "query": query_gram,
+        "key": key_gram,
+        "value": value_gram,
+        "query_tokens": ops.sum(query_valid),
+        "key_tokens": ops.sum(key_valid),
+    }
+
+
+def _validity(query, key, mask):
+    """Float (N, T) and (N, S) indicators of real query and key tokens, as
+    `token_validity` decides them, and whether they are the same one."""
+    ops = keras.ops
+    batch, queries, keys = query.shape[0], query.shape[1], key.shape[1]
+    if mask is None:
+        return (
+            ops.ones(query.shape[:2], "float32"),
+            ops.ones(key.shape[:2], "float32"),
+            queries == keys,
+        )
+    mask = ops.broadcast_to(ops.cast(mask, "bool"), (batch, queries, keys))
+    key_valid = ops.cast(ops.any(mask, axis=1), "float32")
+    if queries == keys:
+        # Self-attention: a padded query is a padded key of the same position.
+        return key_valid, key_valid, True
+    return ops.cast(ops.any(mask, axis=2), "float32"), key_valid, False
+
+
+def _centered(inputs, valid):
+    """`inputs` less each sequence's mean over its valid tokens."""
+    ops = keras.ops
+    counts = ops.maximum(ops.sum(valid, axis=1), 1.0)[:, None, None]
+    means = ops.sum(inputs * valid[..., None], axis=1, keepdims=True) / counts
+    return inputs - means
+
+
+def _masked_gram(inputs, valid):
+    """`sum over valid tokens of x xᵀ`, `(D, D)`."""
+    tokens = inputs * valid[..., None]
+    return keras.ops.einsum("ntd,nte->de", tokens, tokens)
 
 
 @contextlib.contextmanager
-def record_attention_inputs(layers):
-    """Records the inputs of attention layers while a model runs eagerly.
-
-    Temporarily wraps each layer's `call` (restored on exit, whatever
-    happens) and appends, for each call, the query, key and value inputs
-    and the attention mask as NumPy arrays.
-
-    Args:
-        layers: `{key: attention layer}`.
-
-    Yields:
-        `{key: list of AttentionInputs}`, filled as the model runs.
-    """
-    records = {key: [] for key in layers}
+def _patched_calls(layers, record):
+    """Wraps each layer's `call` with `record(key, query, key_input, value,
+    mask)` before the original runs; restored on exit, whatever happens."""
     patched = []
 
     def wrap(key, original):
         signature = inspect.signature(original)
 
         def call(*args, **kwargs):
-            arguments = signature.bind(*args, **kwargs).arguments
-            value_input = arguments["value"]
-            key_input = arguments.get("key")
-            if key_input is None:
-                key_input = value_input
-            mask = arguments.get("attention_mask")
-            key_array = keras.ops.convert_to_numpy(key_input)
-            records[key].append(
-                AttentionInputs(
-                    query=keras.ops.convert_to_numpy(arguments["query"]),
-                    key=key_array,
-                    mask=None
-                    if mask is None
-                    else keras.ops.convert_to_numpy(mask).astype(bool),
-                    value=key_array
-                    if value_input is key_input
-                    else keras.ops.convert_to_numpy(value_input),
-                )
-            )
+            record(key, *_bound_inputs(signature, args, kwargs))
             return original(*args, **kwargs)
 
         return call
@@ -143,10 +260,66 @@ def record_attention_inputs(layers):
             original = layer.call
             object.__setattr__(layer, "call", wrap(key, original))
             patched.append(layer)
-        yield records
+        yield
     finally:
         for layer in patched:
             object.__delattr__(layer, "call")
+
+
+@contextlib.contextmanager
+def record_attention_sums(layers):
+    """Records `attention_sums` of each call of the attention layers, as
+    backend tensors, eagerly or while a function is traced.
+
+    Args:
+        layers: `{key: attention layer}`.
+
+    Yields:
+        `{key: list of attention_sums dicts}`, filled as the model runs.
+    """
+    records = {key: [] for key in layers}
+
+    def record(key, query, key_input, value, mask):
+        records[key].append(attention_sums(query, key_input, value, mask))
+
+    with _patched_calls(layers, record):
+        yield records
+
+
+@contextlib.contextmanager
+def record_attention_inputs(layers):
+    """Records the inputs of attention layers while a model runs eagerly.
+
+    Temporarily wraps each layer's `call` (restored on exit, whatever
+    happens) and appends, for each call, the query, key and value inputs
+    and the attention mask as NumPy arrays. With `attention_statistics`,
+    this is the eager reference of `collect_statistics`.
+
+    Args:
+        layers: `{key: attention layer}`.
+
+    Yields:
+        `{key: list of AttentionInputs}`, filled as the model runs.
+    """
+    records = {key: [] for key in layers}
+
+    def record(key, query, key_input, value, mask):
+        key_array = keras.ops.convert_to_numpy(key_input)
+        records[key].append(
+            AttentionInputs(
+                query=keras.ops.convert_to_numpy(query),
+                key=key_array,
+                mask=None
+                if mask is None
+                else keras.ops.convert_to_numpy(mask).astype(bool),
+                value=key_array
+                if value is key_input
+                else keras.ops.convert_to_numpy(value),
+            )
+        )
+
+    with _patched_calls(layers, record):
+        yield records
 
 
 def token_validity(query, key, mask):

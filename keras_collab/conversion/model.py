@@ -17,16 +17,20 @@ kind: plain functional and sequential models are cloned here; other kinds
 module knows nothing of KerasHub.
 """
 
+import contextlib
 import dataclasses
-import time
+import os
+from concurrent import futures
 
 import keras
 
 from keras_collab.conversion import sites as sites_lib
-from keras_collab.conversion.attention import convert_attention
+from keras_collab.conversion.attention import build_conversion
+from keras_collab.conversion.attention import decompose_attention
 from keras_collab.conversion.attention import is_convertible
 from keras_collab.conversion.calibration import collect_statistics
 from keras_collab.conversion.distillation import distill
+from keras_collab.conversion.progress import StageClock
 from keras_collab.conversion.progress import progress_bar
 from keras_collab.conversion.refinement import refine_layers
 
@@ -40,7 +44,10 @@ class ModelConversion:
         layers: `{site path: AttentionConversion}` in conversion order; the
             `layer` of each is the one now inside `model`.
         seconds: Wall time of the conversion (calibration, decomposition,
-            refinement; model loading excluded).
+            assembly, refinement, distillation; model loading excluded).
+        stage_seconds: The wall time of each stage
+            (`keras_collab.conversion.progress.StageClock.seconds`: one
+            entry per stage, `other` and `total`, which equals `seconds`).
         refinement: `{site path: {"loss_before", "loss_after"}}` when refined.
         distillation: What `keras_collab.distill` returned, when distilled.
     """
@@ -50,6 +57,7 @@ class ModelConversion:
     seconds: float
     refinement: dict = dataclasses.field(default_factory=dict)
     distillation: dict = dataclasses.field(default_factory=dict)
+    stage_seconds: dict = dataclasses.field(default_factory=dict)
 
     @property
     def qk_params_before(self):
@@ -104,9 +112,9 @@ def convert_sites(
         `{site path: AttentionConversion}`, in site order.
     """
     statistics = statistics or {}
-    conversions = {}
-    for site in progress_bar(sites, "Converting attention", progress):
-        conversions[site.path] = convert_attention(
+
+    def decompose(site):
+        return decompose_attention(
             site.layer,
             _for_site(shared_key_dim, site.path, "shared_key_dim"),
             shared_value_dim=_for_site(
@@ -119,7 +127,51 @@ def convert_sites(
             tol=tol,
             max_iter=max_iter,
         )
+
+    conversions = {}
+    with _side_by_side(decompose, sites) as decomposed:
+        for site in progress_bar(sites, "Converting attention", progress):
+            conversions[site.path] = build_conversion(
+                site.layer, decomposed[site.path].result()
+            )
     return conversions
+
+
+def _available_cores():
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _side_by_side(decompose, sites):
+    """Runs `decompose(site)` for every site, one site per core.
+
+    Yields `{site path: future}`. The decompositions are independent NumPy
+    work that releases the GIL in BLAS, so threads give one layer to each
+    core; BLAS itself then runs single-threaded in each (threadpoolctl):
+    several multi-threaded BLAS calls at once oversubscribe the cores, and
+    OpenBLAS's waiting threads then spin and can slow it down many times
+    over on a busy machine. Without threadpoolctl, or with one core, the
+    layers run one after the other with BLAS's own threads.
+    """
+    workers = min(len(sites), _available_cores())
+    try:
+        import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+    if threadpoolctl is None or workers < 2:
+        workers = 1
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpoolctl.threadpool_limits(1, user_api="blas")
+    with limits, futures.ThreadPoolExecutor(workers) as pool:
+        submitted = {site.path: pool.submit(decompose, site) for site in sites}
+        try:
+            yield submitted
+        finally:
+            for future in submitted.values():
+                future.cancel()
 
 
 # (accepts(model) -> bool, assemble(model, sites, conversions)) pairs.
@@ -232,7 +284,7 @@ def convert_model(
     result.model.save_to_preset("bert_base_collab")
     ```
     """
-    start = time.perf_counter()
+    clock = StageClock()
     sites = find_sites(model)
     if not sites:
         raise ValueError(
@@ -245,49 +297,56 @@ def convert_model(
         raise ValueError("`distill_steps` needs `calibration_data`.")
     statistics = None
     if calibration_data is not None:
-        statistics = collect_statistics(model, sites, calibration_data)
-    conversions = convert_sites(
-        sites,
-        shared_key_dim,
-        shared_value_dim=shared_value_dim,
-        statistics=statistics,
-        target_error=target_error,
-        value_target_error=value_target_error,
-        seed=seed,
-        tol=tol,
-        max_iter=max_iter,
-        progress=progress,
-    )
-    converted, placed = assemble(model, sites, conversions)
+        with clock.stage("calibration"):
+            statistics = collect_statistics(model, sites, calibration_data)
+    with clock.stage("decomposition"):
+        conversions = convert_sites(
+            sites,
+            shared_key_dim,
+            shared_value_dim=shared_value_dim,
+            statistics=statistics,
+            target_error=target_error,
+            value_target_error=value_target_error,
+            seed=seed,
+            tol=tol,
+            max_iter=max_iter,
+            progress=progress,
+        )
+    with clock.stage("assembly"):
+        converted, placed = assemble(model, sites, conversions)
     refinement = {}
     if refine_steps:
-        refinement = refine_layers(
-            model,
-            converted,
-            [site.path for site in sites],
-            calibration_data,
-            steps=refine_steps,
-            learning_rate=refine_learning_rate,
-            objective=refine_objective,
-            seed=seed,
-            progress=progress,
-        )
+        with clock.stage("refinement"):
+            refinement = refine_layers(
+                model,
+                converted,
+                [site.path for site in sites],
+                calibration_data,
+                steps=refine_steps,
+                learning_rate=refine_learning_rate,
+                objective=refine_objective,
+                seed=seed,
+                progress=progress,
+            )
     distillation = {}
     if distill_steps:
-        distillation = distill(
-            model,
-            converted,
-            calibration_data,
-            steps=distill_steps,
-            learning_rate=distill_learning_rate,
-            seed=seed,
-            progress=progress,
-            layers=[conversion.layer for conversion in placed.values()],
-        )
+        with clock.stage("distillation"):
+            distillation = distill(
+                model,
+                converted,
+                calibration_data,
+                steps=distill_steps,
+                learning_rate=distill_learning_rate,
+                seed=seed,
+                progress=progress,
+                layers=[conversion.layer for conversion in placed.values()],
+            )
+    stage_seconds = clock.seconds()
     return ModelConversion(
         model=converted,
         layers=placed,
-        seconds=time.perf_counter() - start,
+        seconds=stage_seconds["total"],
         refinement=refinement,
         distillation=distillation,
+        stage_seconds=stage_seconds,
     )
