@@ -955,9 +955,8 @@ def _plot(rows, path):
                 _plot_point(ax, rows, backend, batch_size, context, key, index)
             _format_panel(ax, rows, backend, f"{backend}: {title}")
     figure.suptitle(
-        "Converted / original (x: target at D̃ = "
-        f"{TARGET_SHARED_KEY_DIM}, per-head values); dashed: shared values; "
-        "grey: parity",
+        f"Converted / original (x: target, D̃ = {TARGET_SHARED_KEY_DIM} "
+        "per-head values); dashed: shared values; grey: parity",
         fontsize=10,
     )
     save_figure(figure, path)
