@@ -31,9 +31,8 @@ def test_defaults_are_documented_in_help():
     text = _convert_help()
     assert f"default {cli.DEFAULT_SAMPLES}, every calibration domain" in text
     assert f"(default {cli.DEFAULT_REFINE_STEPS} below full size" in text
-    assert f"default {cli.DEFAULT_DISTILL_STEPS} below full size" in text
+    assert f"(default {cli.DEFAULT_DISTILL_STEPS}: off;" in text
     assert "0 turns refinement off" in text
-    assert "0 turns distillation off" in text
     assert f"(default {cli.DEFAULT_DISTILL_LEARNING_RATE:g})" in text
     for domain in corpus.HELD_OUT_DOMAINS:
         assert domain in text
@@ -54,9 +53,8 @@ def test_quick_run_with_default_recipe(tiny_preset, tmp_path, capsys):
     )
     assert report["refine_steps"] == cli.DEFAULT_REFINE_STEPS
     assert report["refine_objective"] == "attention"
-    assert report["distill_steps"] == cli.DEFAULT_DISTILL_STEPS
-    assert report["distillation"]["steps"] == cli.DEFAULT_DISTILL_STEPS
-    assert report["distill_learning_rate"] == cli.DEFAULT_DISTILL_LEARNING_RATE
+    assert report["distill_steps"] == cli.DEFAULT_DISTILL_STEPS == 0
+    assert report["distillation"] is None
     assert all("loss_after" in row for row in report["layers"])
     assert report["calibration_domains"] == list(corpus.CALIBRATION_DOMAINS)
     assert report["held_out_domains"] == list(corpus.HELD_OUT_DOMAINS)
@@ -71,6 +69,28 @@ def test_quick_run_with_default_recipe(tiny_preset, tmp_path, capsys):
     lines = cli.format_report(report).splitlines()
     for domain in corpus.HELD_OUT_DOMAINS:
         assert any(f"{per_domain} {domain} texts" in line for line in lines)
+
+
+def test_distillation_can_be_turned_on(tiny_preset, tmp_path, capsys):
+    report = _convert(
+        capsys,
+        tiny_preset,
+        "--shared-key-dim",
+        "8",
+        "--output",
+        str(tmp_path / "out"),
+        "--samples",
+        "8",
+        "--refine-steps",
+        "0",
+        "--distill-steps",
+        "3",
+        "--distill-learning-rate",
+        "3e-4",
+    )
+    assert report["distillation"]["steps"] == 3
+    assert report["distill_learning_rate"] == 3e-4
+    assert report["distillation"]["trainable_parameters"] > 0
 
 
 def test_training_can_be_turned_off(tiny_preset, tmp_path, capsys):
