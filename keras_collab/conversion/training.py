@@ -73,6 +73,7 @@ def only_approximated_trainable(model, layers, value_side=True):
     """
     flattened = list(model._flatten_layers(include_self=True))
     saved = [(layer, layer.trainable) for layer in flattened]
+    frozen_variables = []
     try:
         for layer in flattened:
             # Leaf layers own the weights; containers stay trainable so that
@@ -95,6 +96,7 @@ def only_approximated_trainable(model, layers, value_side=True):
                     layer._gate_dense.trainable = True
             for variable in approximated:
                 expected[id(variable)] = variable
+            frozen_variables += _freeze_own_variables(layer, expected)
         trainable = model.trainable_weights
         unexpected = [v.path for v in trainable if id(v) not in expected]
         if unexpected:
@@ -104,5 +106,19 @@ def only_approximated_trainable(model, layers, value_side=True):
             )
         yield trainable
     finally:
+        for variable in frozen_variables:
+            variable.trainable = True
         for layer, trainable in reversed(saved):
             layer.trainable = trainable
+
+
+def _freeze_own_variables(layer, expected):
+    """Freezes the trainable weights that `layer` owns itself (not through
+    a sublayer) and `expected` leaves out, such as the value mixing of
+    shared values when only the query/key side trains; returns them."""
+    frozen = []
+    for variable in layer._trainable_variables:
+        if variable.trainable and id(variable) not in expected:
+            variable.trainable = False
+            frozen.append(variable)
+    return frozen
