@@ -42,6 +42,37 @@ def positive_integer(text):
     return value
 
 
+def dimension_points(text):
+    """Parses `--points`: comma-separated `D̃:D̃_v` (shared values of size
+    D̃_v), `D̃:none` or `D̃` (per-head values), e.g. `192:192,96:none`.
+
+    Returns:
+        A list of `[D̃, D̃_v]` pairs, D̃_v `None` for per-head values (lists,
+        as they are written to the result's configuration).
+
+    Raises:
+        argparse.ArgumentTypeError: naming an entry that is none of these.
+    """
+    entries = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            entries.append(_dimension_point(item))
+    return entries
+
+
+def _dimension_point(item):
+    key, separator, value = (part.strip() for part in item.partition(":"))
+    try:
+        if not separator or value.lower() == "none":
+            return [positive_integer(key), None]
+        return [positive_integer(key), positive_integer(value)]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            "expected D̃, D̃:none or D̃:D̃_v with positive integers; "
+            f"received {item!r}"
+        ) from None
+
+
 def add_threads_argument(parser):
     """Adds `--threads`, the size of the BLAS/OpenMP pools to run with.
 

@@ -31,7 +31,6 @@ Results: `decode_<backend>.{json,md,png}`, or `decode_all.*` for
 `--backend-all`.
 """
 
-import argparse
 import gc
 import os
 import time
@@ -43,8 +42,8 @@ from benchmarks.harness.memory import MIB
 from benchmarks.harness.memory import PeakMemoryTracker
 from benchmarks.harness.metadata import detect_accelerator
 from benchmarks.harness.options import config_with_options
+from benchmarks.harness.options import dimension_points
 from benchmarks.harness.options import integers
-from benchmarks.harness.options import positive_integer
 from benchmarks.harness.plots import label_dimensions
 from benchmarks.harness.plots import new_figure
 from benchmarks.harness.plots import save_figure
@@ -133,37 +132,6 @@ _OPTIONS = {
 }
 
 
-def points(text):
-    """Parses `--points`: comma-separated `D̃:D̃_v` (shared values of size
-    D̃_v), `D̃:none` or `D̃` (per-head values), e.g. `192:192,96:none`.
-
-    Returns:
-        A list of `[D̃, D̃_v]` pairs, D̃_v `None` for per-head values (lists,
-        as they are written to the result's configuration).
-
-    Raises:
-        argparse.ArgumentTypeError: naming an entry that is none of these.
-    """
-    entries = []
-    for item in (part.strip() for part in text.split(",")):
-        if item:
-            entries.append(_point(item))
-    return entries
-
-
-def _point(item):
-    key, separator, value = (part.strip() for part in item.partition(":"))
-    try:
-        if not separator or value.lower() == "none":
-            return [positive_integer(key), None]
-        return [positive_integer(key), positive_integer(value)]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            "expected D̃, D̃:none or D̃:D̃_v with positive integers; "
-            f"received {item!r}"
-        ) from None
-
-
 def add_arguments(parser):
     parser.add_argument(
         "--batches",
@@ -185,7 +153,7 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--points",
-        type=points,
+        type=dimension_points,
         help="Further converted models, after those of --dims: D̃:D̃_v "
         "(shared values of size D̃_v), D̃:none or D̃ (per-head values), "
         "e.g. 192:192,96:96 (default none). A point also in --dims is run "

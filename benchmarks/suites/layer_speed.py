@@ -3,7 +3,8 @@
 Times `CollaborativeMultiHeadAttention` against Keras' `MultiHeadAttention` at
 the shape of a BERT-base attention layer (model width 768, 12 heads of size
 64), self-attention without mask, float32, forward and forward+backward,
-for several shared key sizes D̃. Each pass is compiled where the backend
+for several shared key sizes D̃, with per-head values or with shared
+values of size D̃_v (`--points 192:192`). Each pass is compiled where the backend
 compiles (see `benchmarks.workloads.attention_steps`). All layers of one
 group (same backend, variant, sequence length and mode) are timed in
 alternation in one process, and the medians compared: the ratio
@@ -32,6 +33,7 @@ from benchmarks.harness.markdown import markdown_table
 from benchmarks.harness.memory import CPU_MEMORY_ENVIRONMENT
 from benchmarks.harness.memory import PeakMemoryTracker
 from benchmarks.harness.metadata import detect_accelerator
+from benchmarks.harness.options import dimension_points
 from benchmarks.harness.options import integers
 from benchmarks.harness.plots import label_dimensions
 from benchmarks.harness.plots import new_figure
@@ -50,12 +52,20 @@ NUM_HEADS = 12
 KEY_DIM = 64
 VALUE_DIM = 64
 
-# The issue's targets: at D̃ = 192, collaborative / MHA median time must not
-# exceed these ratios, for each sequence length.
+# The issues' goals for forward+backward: collaborative / MHA median time
+# at most these ratios, keyed by (D̃, D̃_v, T); D̃_v None for per-head values.
+# The FLOP ideal is 0.73 / 0.97 at D̃ = 192 with per-head values.
 TARGET_SHARED_KEY_DIM = 192
-TARGET_RATIOS = {128: 1.0, 512: 1.25}
+TARGET_MODE = "forward_backward"
+TARGET_RATIOS = {
+    (192, None, 128): 0.80,
+    (192, None, 512): 1.05,
+    (192, 192, 512): 1.0,
+}
 
 FULL_SHARED_KEY_DIMS = (768, 384, 192, 96)
+# (D̃, D̃_v) points with shared values, run after the per-head D̃.
+FULL_POINTS = ((192, 192),)
 CPU_SEQ_LENS = (128, 512)
 ACCELERATOR_SEQ_LENS = (128, 512, 2048)
 
@@ -89,8 +99,16 @@ def add_arguments(parser):
         "--shared-key-dims",
         type=integers,
         default=None,
-        help="Comma-separated shared key sizes D̃ (default 768,384,192,96; "
-        "192 with --quick).",
+        help="Comma-separated shared key sizes D̃ with per-head values "
+        "(default 768,384,192,96; 192 with --quick).",
+    )
+    parser.add_argument(
+        "--points",
+        type=dimension_points,
+        default=None,
+        help="Layers timed after those of --shared-key-dims: D̃:D̃_v (shared "
+        "values of size D̃_v) or D̃ (per-head values), e.g. 192:192,96:96 "
+        "(default 192:192; '' for none).",
     )
     parser.add_argument(
         "--torch-compile",
@@ -111,7 +129,8 @@ def add_arguments(parser):
         "--memory-shared-key-dims",
         type=integers,
         default=None,
-        help="D̃ whose peak memory is measured (default: those timed).",
+        help="D̃ whose peak memory is measured, with per-head values "
+        "(default: those timed; the --points are measured too).",
     )
     parser.add_argument(
         "--no-memory",
@@ -132,55 +151,81 @@ def add_arguments(parser):
 # ---------------------------------------------------------------------------
 
 
-def attention_flops(seq_len, shared_key_dim=None):
+def attention_flops(seq_len, shared_key_dim=None, shared_value_dim=None):
     """FLOPs of one self-attention sequence at BERT-base shape.
 
-    Counts the query/key/value/output projections, the attention scores and
-    the context (the weighted sum of values), 2 FLOPs per multiply-add;
-    softmax, biases and the content bias are negligible and left out.
+    Counts the query/key/value/output projections, the attention scores,
+    the context (the weighted sum of values) and the mixing of collaborative
+    heads, 2 FLOPs per multiply-add; softmax, biases and the content bias
+    are negligible and left out.
 
     Args:
         seq_len: Sequence length T.
         shared_key_dim: `None` for Keras multi-head attention, else the
             shared key size D̃ of collaborative attention.
+        shared_value_dim: With `shared_key_dim`, the shared value size D̃_v,
+            or `None` for per-head values.
 
     Returns:
         A dict of FLOPs per term, and their `"total"`.
     """
     collaborative = shared_key_dim is not None
+    shared_values = collaborative and shared_value_dim is not None
     query_key_dim = shared_key_dim if collaborative else NUM_HEADS * KEY_DIM
-    # Every head scores with the full shared key in collaborative attention.
+    # Every head scores with the full shared key in collaborative attention,
+    # and, with shared values, sums the full shared value.
     score_dim = shared_key_dim if collaborative else KEY_DIM
+    value_dim = shared_value_dim if shared_values else NUM_HEADS * VALUE_DIM
+    context_dim = shared_value_dim if shared_values else VALUE_DIM
+    # The key side scales each head's query by its mixing vector; shared
+    # values scale each head's context by its value mixing vector.
+    mixing = 2 * NUM_HEADS * seq_len * shared_key_dim if collaborative else 0
+    if shared_values:
+        mixing += 2 * NUM_HEADS * seq_len * shared_value_dim
     terms = {
         "query_key_projections": 2 * seq_len * MODEL_DIM * query_key_dim * 2,
-        "value_projection": 2 * seq_len * MODEL_DIM * NUM_HEADS * VALUE_DIM,
-        "output_projection": 2 * seq_len * NUM_HEADS * VALUE_DIM * MODEL_DIM,
+        "value_projection": 2 * seq_len * MODEL_DIM * value_dim,
+        "output_projection": 2 * seq_len * value_dim * MODEL_DIM,
         "scores": 2 * NUM_HEADS * seq_len**2 * score_dim,
-        "mixing": (
-            2 * NUM_HEADS * seq_len * shared_key_dim if collaborative else 0
-        ),
-        "context": 2 * NUM_HEADS * seq_len**2 * VALUE_DIM,
+        "mixing": mixing,
+        "context": 2 * NUM_HEADS * seq_len**2 * context_dim,
     }
     terms["total"] = sum(terms.values())
     return terms
 
 
-def flop_ratio(seq_len, shared_key_dim):
+def flop_ratio(seq_len, shared_key_dim, shared_value_dim=None):
     """FLOPs of collaborative attention over those of Keras MHA."""
     return (
-        attention_flops(seq_len, shared_key_dim)["total"]
+        attention_flops(seq_len, shared_key_dim, shared_value_dim)["total"]
         / attention_flops(seq_len)["total"]
     )
 
 
-def target_status(seq_len, shared_key_dim, ratio):
-    """`"PASS"`/`"MISS"` where the issue sets a target, else `None`."""
-    target = TARGET_RATIOS.get(seq_len)
-    if shared_key_dim != TARGET_SHARED_KEY_DIM or target is None:
+def target_ratio(mode, seq_len, shared_key_dim, shared_value_dim=None):
+    """The goal for collaborative / MHA time at a point, or `None`."""
+    if mode != TARGET_MODE:
+        return None
+    return TARGET_RATIOS.get((shared_key_dim, shared_value_dim, seq_len))
+
+
+def target_status(mode, seq_len, shared_key_dim, shared_value_dim, ratio):
+    """`"PASS"`/`"MISS"` where an issue sets a goal, else `None`."""
+    target = target_ratio(mode, seq_len, shared_key_dim, shared_value_dim)
+    if target is None:
         return None
     if ratio is None:
         return "MISS"
     return "PASS" if ratio <= target else "MISS"
+
+
+def timed_points(config):
+    """The collaborative layers' `(D̃, D̃_v)`, in the order they are timed:
+    every D̃ of `shared_key_dims` with per-head values, then the `points`;
+    a point given twice is timed once."""
+    grid = [(dim, None) for dim in config["shared_key_dims"]]
+    grid += [tuple(point) for point in config["points"]]
+    return list(dict.fromkeys(grid))
 
 
 # ---------------------------------------------------------------------------
@@ -203,19 +248,31 @@ def resolve_config(args, backend, accelerator_kind):
         default_seq_lens = ACCELERATOR_SEQ_LENS
     else:
         default_seq_lens = CPU_SEQ_LENS
-    shared_key_dims = args.shared_key_dims or (
-        [TARGET_SHARED_KEY_DIM] if args.quick else list(FULL_SHARED_KEY_DIMS)
-    )
-    compiled_dims = {
-        "target": [d for d in shared_key_dims if d == TARGET_SHARED_KEY_DIM],
-        "all": list(shared_key_dims),
+    shared_key_dims = args.shared_key_dims
+    if shared_key_dims is None:
+        shared_key_dims = (
+            [TARGET_SHARED_KEY_DIM]
+            if args.quick
+            else list(FULL_SHARED_KEY_DIMS)
+        )
+    points = args.points
+    if points is None:
+        points = [list(point) for point in FULL_POINTS]
+    grid = timed_points({"shared_key_dims": shared_key_dims, "points": points})
+    if not grid:
+        raise ValueError(
+            "Nothing to time: --shared-key-dims and --points are both empty."
+        )
+    compiled_points = {
+        "target": [p for p in grid if p[0] == TARGET_SHARED_KEY_DIM],
+        "all": grid,
         "none": [],
     }[args.torch_compile]
     # Imported here: the backend must be chosen before Keras is imported.
     from benchmarks.workloads import attention_steps
 
     variants = list(attention_steps.VARIANTS[backend])
-    if backend == "torch" and not compiled_dims:
+    if backend == "torch" and not compiled_points:
         variants.remove("compile")
     return {
         "model_dim": MODEL_DIM,
@@ -225,14 +282,17 @@ def resolve_config(args, backend, accelerator_kind):
         "batch_size": args.batch_size or (2 if args.quick else 8),
         "seq_lens": list(args.seq_lens or default_seq_lens),
         "shared_key_dims": list(shared_key_dims),
+        "points": [list(point) for point in points],
         "modes": list(attention_steps.MODES),
         "variants": variants,
-        "torch_compile_shared_key_dims": compiled_dims,
+        "torch_compile_points": [list(point) for point in compiled_points],
         "timing": timing,
         "memory": not args.no_memory,
-        "memory_shared_key_dims": list(
-            args.memory_shared_key_dims or shared_key_dims
-        ),
+        "memory_points": [
+            [dim, None]
+            for dim in (args.memory_shared_key_dims or shared_key_dims)
+        ]
+        + [list(point) for point in points],
         "deadline_s": args.deadline_s,
         "dtype": "float32",
     }
@@ -273,10 +333,12 @@ class _Deadline:
         return self._end is not None and time.perf_counter() > self._end
 
 
-def _layer_name(shared_key_dim):
-    return (
-        "mha" if shared_key_dim is None else f"collaborative_{shared_key_dim}"
-    )
+def _layer_name(shared_key_dim, shared_value_dim=None):
+    if shared_key_dim is None:
+        return "mha"
+    if shared_value_dim is None:
+        return f"collaborative_{shared_key_dim}"
+    return f"collaborative_{shared_key_dim}_v{shared_value_dim}"
 
 
 def _measure_speed(document, config, backend, accelerator, deadline):
@@ -286,19 +348,19 @@ def _measure_speed(document, config, backend, accelerator, deadline):
 
     on_accelerator = accelerator["kind"] != "cpu"
     for variant in config["variants"]:
-        dims = config["shared_key_dims"]
+        grid = timed_points(config)
         if variant == "compile":
-            dims = config["torch_compile_shared_key_dims"]
+            grid = [tuple(point) for point in config["torch_compile_points"]]
         for seq_len in config["seq_lens"]:
             keras.utils.set_random_seed(seq_len)
             inputs = keras.random.normal(
                 (config["batch_size"], seq_len, MODEL_DIM)
             )
             layers = {
-                _layer_name(dim): attention_steps.build_attention(
-                    inputs, NUM_HEADS, KEY_DIM, dim
+                _layer_name(*point): attention_steps.build_attention(
+                    inputs, NUM_HEADS, KEY_DIM, *point
                 )
-                for dim in [None, *dims]
+                for point in [(None, None), *grid]
             }
             for mode in config["modes"]:
                 where = {
@@ -323,7 +385,7 @@ def _measure_speed(document, config, backend, accelerator, deadline):
                 stats = time_alternating(steps, **config["timing"])
                 document["rows"].extend(
                     _speed_rows(
-                        where, config, accelerator, dims, stats, compile_s
+                        where, config, accelerator, grid, stats, compile_s
                     )
                 )
 
@@ -355,12 +417,12 @@ def _compile_steps(document, where, layers, inputs, on_accelerator):
     return steps, compile_s
 
 
-def _speed_rows(where, config, accelerator, dims, stats, compile_s):
+def _speed_rows(where, config, accelerator, grid, stats, compile_s):
     """One result row per collaborative layer, with MHA as the reference."""
     mha = stats["mha"]
     rows = []
-    for dim in dims:
-        name = _layer_name(dim)
+    for dim, value_dim in grid:
+        name = _layer_name(dim, value_dim)
         if name not in stats:
             continue
         collaborative = stats[name]
@@ -372,6 +434,7 @@ def _speed_rows(where, config, accelerator, dims, stats, compile_s):
                 "device": accelerator["kind"],
                 "batch_size": config["batch_size"],
                 "shared_key_dim": dim,
+                "shared_value_dim": value_dim,
                 "collaborative_ms": 1e3 * collaborative.median_s,
                 "collaborative_p25_ms": 1e3 * collaborative.p25_s,
                 "collaborative_p75_ms": 1e3 * collaborative.p75_s,
@@ -382,13 +445,13 @@ def _speed_rows(where, config, accelerator, dims, stats, compile_s):
                 "collaborative_first_call_s": compile_s[name],
                 "mha_first_call_s": compile_s["mha"],
                 "ratio": ratio,
-                "flop_ratio": flop_ratio(where["seq_len"], dim),
-                "target_ratio": (
-                    TARGET_RATIOS.get(where["seq_len"])
-                    if dim == TARGET_SHARED_KEY_DIM
-                    else None
+                "flop_ratio": flop_ratio(where["seq_len"], dim, value_dim),
+                "target_ratio": target_ratio(
+                    where["mode"], where["seq_len"], dim, value_dim
                 ),
-                "status": target_status(where["seq_len"], dim, ratio),
+                "status": target_status(
+                    where["mode"], where["seq_len"], dim, value_dim, ratio
+                ),
             }
         )
     return rows
@@ -406,12 +469,13 @@ def _measure_memory(document, config, backend, accelerator):
         {
             "seq_len": seq_len,
             "shared_key_dim": dim,
+            "shared_value_dim": value_dim,
             "mode": MEMORY_MODE,
             "variant": config["variants"][0],
             "batch_size": config["batch_size"],
         }
         for seq_len in config["seq_lens"]
-        for dim in [None, *config["memory_shared_key_dims"]]
+        for dim, value_dim in [(None, None), *config["memory_points"]]
     ]
     batches = [items] if tracker.resettable else [[item] for item in items]
     on_cpu = accelerator["kind"] == "cpu"
@@ -477,10 +541,10 @@ def _markdown(document):
         "mask, float32. Times are medians of calls alternating between the "
         "layers of a group; ratio = collaborative / MHA; FLOP ratio = the "
         "same ratio for an ideal implementation (projections, scores, "
-        "mixing, context).",
+        "mixing, context). D̃_v: the shared value size, or per-head values.",
         "",
         environment_markdown(document),
-        f"## Targets (D̃ = {TARGET_SHARED_KEY_DIM})",
+        "## Goals (forward+backward)",
         "",
         _targets_table(speed),
         "## Speed",
@@ -505,13 +569,19 @@ outputs of the compiled pass: exact, free of allocator noise.
 """
 
 
+def _value_dim_cell(row):
+    value_dim = row.get("shared_value_dim")
+    return "per-head" if value_dim is None else value_dim
+
+
 def _targets_table(speed_rows):
     rows = [
         (
             row["backend"],
             row["variant"],
-            row["mode"],
             row["seq_len"],
+            row["shared_key_dim"],
+            _value_dim_cell(row),
             row["ratio"],
             f"≤ {row['target_ratio']}",
             row["status"],
@@ -522,7 +592,16 @@ def _targets_table(speed_rows):
     passed = sum(row[-1] == "PASS" for row in rows)
     return (
         markdown_table(
-            ["backend", "variant", "mode", "T:", "ratio:", "target", "status"],
+            [
+                "backend",
+                "variant",
+                "T:",
+                "D̃:",
+                "D̃_v:",
+                "ratio:",
+                "target",
+                "status",
+            ],
             rows,
         )
         + f"\n{passed} of {len(rows)} target checks pass.\n"
@@ -537,6 +616,7 @@ def _speed_table(speed_rows):
             row["mode"],
             row["seq_len"],
             row["shared_key_dim"],
+            _value_dim_cell(row),
             row["collaborative_ms"],
             row["mha_ms"],
             row["ratio"],
@@ -553,6 +633,7 @@ def _speed_table(speed_rows):
             "mode",
             "T:",
             "D̃:",
+            "D̃_v:",
             "collaborative ms:",
             "MHA ms:",
             "ratio:",
@@ -585,6 +666,7 @@ def _memory_table(memory_rows):
                 row["seq_len"],
                 "MHA" if row["shared_key_dim"] is None else "collaborative",
                 row["shared_key_dim"],
+                None if row["shared_key_dim"] is None else _value_dim_cell(row),
                 row["peak_mib"],
                 relative,
                 row.get("xla_buffers_mib"),
@@ -597,6 +679,7 @@ def _memory_table(memory_rows):
             "T:",
             "layer",
             "D̃:",
+            "D̃_v:",
             "peak MiB:",
             "vs. MHA:",
             "XLA buffers MiB:",
@@ -621,21 +704,26 @@ def _plot(speed_rows, path):
             ]
             ax = axes[line][column]
             for index, seq_len in enumerate(seq_lens):
-                _plot_seq_len(ax, rows, seq_len, f"C{index}")
+                _plot_seq_len(ax, rows, mode, seq_len, f"C{index}")
             _format_panel(ax, rows, f"{backend} {variant}, {mode}")
     figure.suptitle(
-        "Time collaborative / MHA (solid) and FLOP ratio (dashed); "
-        "x marks a target",
+        "Time collaborative / MHA (solid: per-head values; squares: shared "
+        "values, labelled D̃_v) and FLOP ratio (dashed); x marks a goal",
         fontsize=10,
     )
     save_figure(figure, path)
 
 
-def _plot_seq_len(ax, rows, seq_len, color):
+def _plot_seq_len(ax, rows, mode, seq_len, color):
+    rows = [row for row in rows if row["seq_len"] == seq_len]
+    for row in rows:
+        if row.get("shared_value_dim") is not None:
+            _plot_shared_values(ax, row, color)
     rows = sorted(
-        (row for row in rows if row["seq_len"] == seq_len),
+        (row for row in rows if row.get("shared_value_dim") is None),
         key=lambda row: row["shared_key_dim"],
     )
+    _plot_goals(ax, mode, seq_len, color)
     if not rows:
         return
     dims = [row["shared_key_dim"] for row in rows]
@@ -653,14 +741,25 @@ def _plot_seq_len(ax, rows, seq_len, color):
         color=color,
         markersize=12,
     )
-    if seq_len in TARGET_RATIOS:
-        ax.plot(
-            [TARGET_SHARED_KEY_DIM],
-            [TARGET_RATIOS[seq_len]],
-            "x",
-            color=color,
-            markersize=9,
-        )
+
+
+def _plot_shared_values(ax, row, color):
+    ax.plot([row["shared_key_dim"]], [row["ratio"]], "s", color=color)
+    ax.annotate(
+        f"D̃_v={row['shared_value_dim']}",
+        (row["shared_key_dim"], row["ratio"]),
+        textcoords="offset points",
+        xytext=(4, 4),
+        fontsize=7,
+        color=color,
+    )
+
+
+def _plot_goals(ax, mode, seq_len, color):
+    for dim, value_dim, goal_seq_len in TARGET_RATIOS:
+        goal = target_ratio(mode, seq_len, dim, value_dim)
+        if goal_seq_len == seq_len and goal is not None:
+            ax.plot([dim], [goal], "x", color=color, markersize=9)
 
 
 def _format_panel(ax, rows, title):

@@ -8,7 +8,8 @@ KERAS_BACKEND=jax python -m benchmarks.suites.memory_probe \
     --output memory.json
 ```
 
-Each item is a layer (`shared_key_dim` null for Keras MHA) and a pass. The
+Each item is a layer (`shared_key_dim` null for Keras MHA; an optional
+`shared_value_dim` for shared values) and a pass. The
 pass is compiled and run twice, then run once more between the two readings
 of a `benchmarks.harness.memory.PeakMemoryTracker`. The rows go to
 `--output` as JSON.
@@ -65,7 +66,11 @@ def _measure(item, backend, accelerator, tracker):
         (item["batch_size"], item["seq_len"], MODEL_DIM)
     )
     layer = attention_steps.build_attention(
-        inputs, NUM_HEADS, KEY_DIM, item["shared_key_dim"]
+        inputs,
+        NUM_HEADS,
+        KEY_DIM,
+        item["shared_key_dim"],
+        item.get("shared_value_dim"),
     )
     step = attention_steps.make_step(
         layer,
@@ -99,7 +104,8 @@ def _measure(item, backend, accelerator, tracker):
             row["xla_buffers_mib"] = buffer_bytes / MIB
     print(
         f"memory {backend} T={item['seq_len']} "
-        f"D̃={item['shared_key_dim']}: {row['peak_mib']:.1f} MiB",
+        f"D̃={item['shared_key_dim']} D̃_v={item.get('shared_value_dim')}: "
+        f"{row['peak_mib']:.1f} MiB",
         flush=True,
     )
     return row

@@ -30,7 +30,9 @@ VARIANTS = {
 }
 
 
-def build_attention(inputs, num_heads, key_dim, shared_key_dim=None):
+def build_attention(
+    inputs, num_heads, key_dim, shared_key_dim=None, shared_value_dim=None
+):
     """Builds a self-attention layer on `inputs`.
 
     Args:
@@ -39,6 +41,8 @@ def build_attention(inputs, num_heads, key_dim, shared_key_dim=None):
         key_dim: Per-head key size of the multi-head attention.
         shared_key_dim: `None` for `keras.layers.MultiHeadAttention`, else
             the shared key size of a `CollaborativeMultiHeadAttention`.
+        shared_value_dim: With `shared_key_dim`, the collaborative layer's
+            shared value size, or `None` for per-head values.
 
     Returns:
         The built layer. `flash_attention` is left to Keras (`None`), which
@@ -48,7 +52,10 @@ def build_attention(inputs, num_heads, key_dim, shared_key_dim=None):
         layer = keras.layers.MultiHeadAttention(num_heads, key_dim)
     else:
         layer = CollaborativeMultiHeadAttention(
-            num_heads, key_dim, shared_key_dim=shared_key_dim
+            num_heads,
+            key_dim,
+            shared_key_dim=shared_key_dim,
+            shared_value_dim=shared_value_dim,
         )
     layer(inputs, inputs)
     return layer

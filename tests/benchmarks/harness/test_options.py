@@ -1,6 +1,9 @@
 import argparse
 
+import pytest
+
 from benchmarks.harness.options import config_with_options
+from benchmarks.harness.options import dimension_points
 from benchmarks.harness.options import integers
 
 
@@ -18,3 +21,20 @@ def test_config_with_options_overrides_only_the_options_given():
 def test_integers_option_can_be_emptied():
     assert integers("96,192") == [96, 192]
     assert integers("") == []
+
+
+def test_points_parse_shared_and_per_head_values():
+    assert dimension_points("192, 96:none,192:192,96:96,48:NONE") == [
+        [192, None],
+        [96, None],
+        [192, 192],
+        [96, 96],
+        [48, None],
+    ]
+    assert dimension_points("") == []
+
+
+@pytest.mark.parametrize("text", ["192:", "0:96", "192:0", "a:b", "1:2:3"])
+def test_points_reject_bad_entries(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+        dimension_points(text)

@@ -1,7 +1,6 @@
 """The decode suite: its counts, options and report, and a quick run on the
 current backend (a tiny GPT-2, a few seconds; nothing timed is asserted)."""
 
-import argparse
 import json
 
 import pytest
@@ -130,23 +129,6 @@ def test_model_names():
     assert decode.model_name(192) == "collaborative_192"
     assert decode.model_name(192, 192) == "collaborative_192_v192"
     assert decode.model_name(96, None) == "collaborative_96"
-
-
-def test_points_parse_shared_and_per_head_values():
-    assert decode.points("192, 96:none,192:192,96:96,48:NONE") == [
-        [192, None],
-        [96, None],
-        [192, 192],
-        [96, 96],
-        [48, None],
-    ]
-    assert decode.points("") == []
-
-
-@pytest.mark.parametrize("text", ["192:", "0:96", "192:0", "a:b", "1:2:3"])
-def test_points_reject_bad_entries(text):
-    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
-        decode.points(text)
 
 
 def test_points_come_after_dims_and_run_once():
