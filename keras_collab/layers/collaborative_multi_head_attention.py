@@ -1111,8 +1111,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             self._check_flash_attention_available()
             if use_causal_mask:
                 mask = self._causal_mask(query, value)
-            if self._use_query_major_layout(training, return_attention_scores):
-                context = self._query_major_attention(
+            if self._use_head_by_head(training, return_attention_scores):
+                context = self._head_by_head_attention(
                     query, key, value, content_logits, mask
                 )
             elif not self._use_blocked_torch_kernel(
@@ -1201,17 +1201,17 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             context = _zero_fully_masked_rows(context, mask)
         return context, probabilities
 
-    def _use_query_major_layout(self, training, return_attention_scores):
-        """Whether `_query_major_attention` should run this attention: on
+    def _use_head_by_head(self, training, return_attention_scores):
+        """Whether `_head_by_head_attention` should run this attention: on
         the XLA backends (JAX, TensorFlow) whenever neither the `(B, H, T,
         S)` probabilities nor a dropout pattern over them is asked for.
 
-        Its logits are laid out `(B, T, H, S)`, so that one matmul scores
-        the `T * H` head queries of a batch element against its shared keys
-        with no transposes of the head queries or the logits; the
-        `(B, H, T, S)` layout of the einsum path below costs XLA a
-        transpose of the largest tensor (see `benchmarks/README.md`,
-        "Attention layouts"). PyTorch runs its blocked kernel instead.
+        One head at a time, every operand of the two matmuls is contiguous
+        with its batch axis first, and no `(B, T, H, D̃)` head queries or
+        `(B, H, T, S)` logits are materialised and transposed, which the
+        all-heads formulations cost XLA:CPU (measured by the `layer_speed`
+        and `inference` benchmarks). PyTorch runs its blocked kernel
+        instead.
         """
         if keras.backend.backend() not in ("jax", "tensorflow"):
             return False
@@ -1219,29 +1219,50 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             return False
         return not (self._dropout > 0.0 and training)
 
-    def _query_major_attention(self, query, key, value, content_logits, mask):
+    def _head_by_head_attention(self, query, key, value, content_logits, mask):
         """What `_einsum_attention` computes without dropout and returned
-        scores (tested against it), in the `(B, T, H, S)` layout."""
+        scores (tested against it), one head at a time.
+
+        Head h scores `(Q̃ ⊙ m_h) K̃ᵀ = Q̃ (K̃ ⊙ m_h)ᵀ`: the mixing scales
+        the shorter of the query and key sequences.
+        """
         scale = self._inverse_sqrt_key_dim
         # The scale goes into the (H, D̃) mixing, the smallest operand.
         mixing = ops.multiply(
             ops.cast(self._mixing, query.dtype), ops.cast(scale, query.dtype)
         )
-        head_queries = ops.multiply(ops.expand_dims(query, 2), mixing)
-        logits = ops.einsum("bthd,bsd->bths", head_queries, key)
+        mix_keys = key.shape[1] is not None and (
+            query.shape[1] is None or key.shape[1] <= query.shape[1]
+        )
         if content_logits is not None:
-            bias = ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 1)
-            logits = logits + ops.multiply(bias, ops.cast(scale, bias.dtype))
-        if mask is not None:
-            mask = ops.transpose(mask, (0, 2, 1, 3))
-        compute_dtype = logits.dtype
-        logits = ops.cast(logits, "float32")
-        if mask is not None:
-            logits = ops.where(mask, logits, _MASK_VALUE_FLOAT32)
-        probabilities = ops.cast(ops.softmax(logits, axis=-1), compute_dtype)
-        if self._shared_value_dim is None:
-            return ops.einsum("bths,bshd->bthd", probabilities, value)
-        return ops.einsum("bths,bsd->bthd", probabilities, value)
+            content_logits = ops.multiply(
+                content_logits, ops.cast(scale, content_logits.dtype)
+            )
+        contexts = []
+        for head in range(self._num_heads):
+            if mix_keys:
+                logits = ops.matmul(
+                    query,
+                    ops.transpose(ops.multiply(key, mixing[head]), (0, 2, 1)),
+                )
+            else:
+                logits = ops.matmul(
+                    ops.multiply(query, mixing[head]),
+                    ops.transpose(key, (0, 2, 1)),
+                )
+            if content_logits is not None:
+                logits = logits + ops.expand_dims(content_logits[..., head], 1)
+            head_mask = None
+            if mask is not None:
+                head_mask = mask[:, head if mask.shape[1] > 1 else 0]
+            probabilities = self._masked_softmax_float32(
+                logits, head_mask, rank=3
+            )
+            head_value = value
+            if self._shared_value_dim is None:
+                head_value = value[:, :, head]
+            contexts.append(ops.matmul(probabilities, head_value))
+        return ops.stack(contexts, axis=2)
 
     def _use_blocked_torch_kernel(
         self, tensor, training, return_attention_scores
@@ -1285,7 +1306,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         )
 
     def _masked_softmax_float32(
-        self, logits, attention_mask, zero_masked_rows=False
+        self, logits, attention_mask, zero_masked_rows=False, rank=4
     ):
         """Softmax over keys, in float32 whatever the compute dtype.
 
@@ -1294,10 +1315,12 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         probabilities cast back. A fully masked row thus gets uniform
         probabilities, or zeros with `zero_masked_rows` (masked
         probabilities set to zero, as Keras' `Softmax` layer does).
+        `rank` is that of the logits: 4 for `(B, H, T, S)`, 3 for one head's
+        `(B, T, S)` (whose mask is then already of rank 3).
         """
         compute_dtype = logits.dtype
         logits = ops.cast(logits, "float32")
-        mask = _rank4_mask(attention_mask)
+        mask = _rank4_mask(attention_mask) if rank == 4 else attention_mask
         if mask is not None:
             logits = ops.where(mask, logits, _MASK_VALUE_FLOAT32)
         probabilities = ops.softmax(logits, axis=-1)

@@ -1238,41 +1238,53 @@ class TestBadInput:
             layer.build((None, None, 4), (None, None, 4))
 
 
-class TestQueryMajorLayout:
-    """The `(B, T, H, S)` path of the XLA backends against the `(B, H, T,
-    S)` einsum path, on the inputs where both run."""
+class TestHeadByHead:
+    """The one-head-at-a-time path of the XLA backends against the `(B, H,
+    T, S)` einsum path, on the inputs where both run."""
 
     @pytest.mark.parametrize(
-        "case", ["none", "padding", "per_head", "causal", "shared_values"]
+        "case",
+        [
+            "none",
+            "padding",
+            "per_head",
+            "causal",
+            "shared_values",
+            "more_queries",
+            "mixed_precision",
+        ],
     )
     def test_matches_einsum_path(self, case, monkeypatch):
-        kwargs = {"shared_value_dim": 5} if case == "shared_values" else {}
+        kwargs = {
+            "shared_values": {"shared_value_dim": 5},
+            "mixed_precision": {"dtype": "mixed_bfloat16"},
+        }.get(case, {})
         layer = _random_layer(**kwargs)
         query, value = _normal(2, 5, 16), _normal(2, 7, 12)
         head_mask = RNG.random((2, 3, 5, 7)) > 0.3
         head_mask[1, 2, 4] = False  # one head of one query sees nothing
         call_kwargs = {
-            "none": {},
-            "shared_values": {},
             "padding": {"attention_mask": head_mask[:, 0]},
             "per_head": {"attention_mask": head_mask},
             "causal": {"use_causal_mask": True},
-        }[case]
+        }.get(case, {})
         if case == "causal":
             value = _normal(2, 5, 12)
+        if case == "more_queries":
+            # Fewer keys than queries: the mixing scales the keys.
+            query, value = _normal(2, 7, 16), _normal(2, 4, 12)
         expected_path = BACKEND in ("jax", "tensorflow")
-        assert layer._use_query_major_layout(False, False) == expected_path
-        query_major = _numpy(layer(query, value, **call_kwargs))
-        monkeypatch.setattr(
-            layer, "_use_query_major_layout", lambda *args: False
-        )
+        assert layer._use_head_by_head(False, False) == expected_path
+        head_by_head = _numpy(layer(query, value, **call_kwargs))
+        monkeypatch.setattr(layer, "_use_head_by_head", lambda *args: False)
         einsum = _numpy(layer(query, value, **call_kwargs))
-        np.testing.assert_allclose(query_major, einsum, atol=1e-5)
+        tolerance = 2e-2 if case == "mixed_precision" else 1e-5
+        np.testing.assert_allclose(head_by_head, einsum, atol=tolerance)
 
     def test_not_taken_for_scores_or_training_dropout(self):
         layer = _random_layer(dropout=0.1)
-        assert not layer._use_query_major_layout(True, False)
-        assert not layer._use_query_major_layout(False, True)
-        assert layer._use_query_major_layout(False, False) == (
+        assert not layer._use_head_by_head(True, False)
+        assert not layer._use_head_by_head(False, True)
+        assert layer._use_head_by_head(False, False) == (
             BACKEND in ("jax", "tensorflow")
         )
