@@ -1238,9 +1238,10 @@ class TestBadInput:
             layer.build((None, None, 4), (None, None, 4))
 
 
-class TestHeadByHead:
-    """The one-head-at-a-time path of the XLA backends against the `(B, H,
-    T, S)` einsum path, on the inputs where both run."""
+class TestXlaLayout:
+    """The XLA backends' paths (one head at a time with per-head values,
+    query-major with shared values) against the `(B, H, T, S)` einsum
+    path, on the inputs where both run."""
 
     @pytest.mark.parametrize(
         "case",
@@ -1250,6 +1251,7 @@ class TestHeadByHead:
             "per_head",
             "causal",
             "shared_values",
+            "shared_values_masked",
             "more_queries",
             "mixed_precision",
         ],
@@ -1257,6 +1259,7 @@ class TestHeadByHead:
     def test_matches_einsum_path(self, case, monkeypatch):
         kwargs = {
             "shared_values": {"shared_value_dim": 5},
+            "shared_values_masked": {"shared_value_dim": 5},
             "mixed_precision": {"dtype": "mixed_bfloat16"},
         }.get(case, {})
         layer = _random_layer(**kwargs)
@@ -1266,6 +1269,7 @@ class TestHeadByHead:
         call_kwargs = {
             "padding": {"attention_mask": head_mask[:, 0]},
             "per_head": {"attention_mask": head_mask},
+            "shared_values_masked": {"attention_mask": head_mask},
             "causal": {"use_causal_mask": True},
         }.get(case, {})
         if case == "causal":
@@ -1274,17 +1278,17 @@ class TestHeadByHead:
             # Fewer keys than queries: the mixing scales the keys.
             query, value = _normal(2, 7, 16), _normal(2, 4, 12)
         expected_path = BACKEND in ("jax", "tensorflow")
-        assert layer._use_head_by_head(False, False) == expected_path
-        head_by_head = _numpy(layer(query, value, **call_kwargs))
-        monkeypatch.setattr(layer, "_use_head_by_head", lambda *args: False)
+        assert layer._use_xla_layout(False, False) == expected_path
+        xla_layout = _numpy(layer(query, value, **call_kwargs))
+        monkeypatch.setattr(layer, "_use_xla_layout", lambda *args: False)
         einsum = _numpy(layer(query, value, **call_kwargs))
         tolerance = 2e-2 if case == "mixed_precision" else 1e-5
-        np.testing.assert_allclose(head_by_head, einsum, atol=tolerance)
+        np.testing.assert_allclose(xla_layout, einsum, atol=tolerance)
 
     def test_not_taken_for_scores_or_training_dropout(self):
         layer = _random_layer(dropout=0.1)
-        assert not layer._use_head_by_head(True, False)
-        assert not layer._use_head_by_head(False, True)
-        assert layer._use_head_by_head(False, False) == (
+        assert not layer._use_xla_layout(True, False)
+        assert not layer._use_xla_layout(False, True)
+        assert layer._use_xla_layout(False, False) == (
             BACKEND in ("jax", "tensorflow")
         )
