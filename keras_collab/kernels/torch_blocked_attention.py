@@ -51,7 +51,9 @@ def blocked_collaborative_attention(
         query: `(B, T, D̃)` shared query, already multiplied by the scale.
         key: `(B, S, D̃)` shared key.
         mixing: `(H, D̃)` mixing vectors.
-        value: `(B, S, H, value_dim)` projected values.
+        value: `(B, S, H, value_dim)` projected values, or `(B, S,
+            value_dim)` shared values `Ṽ`, which every head reads (one
+            matmul per block for all heads).
         bias: Optional `(B, H, 1, S)` logits added to every query row (the
             scaled content bias).
         mask: Optional boolean mask broadcastable to `(B, H, T, S)`, of rank
@@ -62,7 +64,8 @@ def blocked_collaborative_attention(
 
     Returns:
         `(B, T, H, value_dim)` context: for head h,
-        `softmax((query * mixing[h]) @ key^T + bias) @ value[:, :, h]`.
+        `softmax((query * mixing[h]) @ key^T + bias) @ value[:, :, h]`
+        (`@ value` when shared).
     """
     if mask is not None:
         batch, length = query.shape[0], query.shape[1]
@@ -82,6 +85,35 @@ def _row_blocks(num_heads, length, keys):
     ]
 
 
+def _block_context(probabilities, values):
+    """`(H, rows, dv)` context of one block: per-head `values` `(H, S,
+    dv)`, or shared ones `(S, dv)` multiplied with all heads' rows at once."""
+    if values.dim() == 3:
+        return torch.matmul(probabilities, values)
+    heads, rows, keys = probabilities.shape
+    context = torch.matmul(probabilities.reshape(heads * rows, keys), values)
+    return context.reshape(heads, rows, -1)
+
+
+def _block_value_gradients(probabilities, grad_context, values):
+    """`(gradient of the values, gradient of the probabilities)` of one
+    block, for per-head `(H, S, dv)` or shared `(S, dv)` values."""
+    if values.dim() == 3:
+        return (
+            torch.matmul(probabilities.transpose(1, 2), grad_context),
+            torch.matmul(grad_context, values.transpose(1, 2)),
+        )
+    heads, rows, keys = probabilities.shape
+    flat_probabilities = probabilities.reshape(heads * rows, keys)
+    flat_grad = grad_context.reshape(heads * rows, -1)
+    return (
+        torch.matmul(flat_probabilities.transpose(0, 1), flat_grad),
+        torch.matmul(flat_grad, values.transpose(0, 1)).reshape(
+            heads, rows, keys
+        ),
+    )
+
+
 def _block_probabilities(head_queries, key, bias, mask, mask_value):
     """Softmax over keys of one block's logits, `(H, rows, S)`."""
     logits = torch.matmul(head_queries, key.transpose(0, 1))
@@ -98,9 +130,12 @@ class _BlockedAttention(torch.autograd.Function):
         ctx, query, key, mixing, value, bias, mask, mask_value, wants_gradients
     ):
         batch, length, _ = query.shape
-        num_heads, value_dim = value.shape[2], value.shape[3]
-        # (B, H, S, dv): each head's values contiguous for the products.
-        head_values = value.permute(0, 2, 1, 3).contiguous()
+        num_heads, value_dim = mixing.shape[0], value.shape[-1]
+        if value.dim() == 4:
+            # (B, H, S, dv): each head's values contiguous for the products.
+            head_values = value.permute(0, 2, 1, 3).contiguous()
+        else:
+            head_values = value.contiguous()
         output = query.new_empty(batch, length, num_heads, value_dim)
         # Stored probabilities spare the backward pass a score product
         # (about a quarter of its work); without gradients, nothing is stored.
@@ -118,7 +153,7 @@ class _BlockedAttention(torch.autograd.Function):
                     None if mask is None else mask[b, :, start:stop],
                     mask_value,
                 )
-                context = torch.matmul(probabilities, head_values[b])
+                context = _block_context(probabilities, head_values[b])
                 output[b, start:stop] = context.transpose(0, 1)
                 if saved is not None:
                     saved[b, :, start:stop] = probabilities
@@ -135,7 +170,7 @@ class _BlockedAttention(torch.autograd.Function):
         )
         mask = ctx.mask
         batch, length, _ = query.shape
-        num_heads = head_values.shape[1]
+        num_heads = mixing.shape[0]
         grad_query = torch.zeros_like(query)
         grad_key = torch.zeros_like(key)
         grad_mixing = torch.zeros_like(mixing)
@@ -149,14 +184,12 @@ class _BlockedAttention(torch.autograd.Function):
                 block_mask = None if mask is None else mask[b, :, start:stop]
                 probabilities = saved[b, :, start:stop]
                 grad_context = grad_output[b, start:stop].transpose(0, 1)
-                grad_values[b] += torch.matmul(
-                    probabilities.transpose(1, 2), grad_context
+                grad_block_values, grad_probabilities = _block_value_gradients(
+                    probabilities, grad_context, head_values[b]
                 )
+                grad_values[b] += grad_block_values
                 # Softmax backward: dL/dlogits = P * (dL/dP - <dL/dP, P>),
                 # where <dL/dP, P> per row equals <dL/dcontext, context>.
-                grad_probabilities = torch.matmul(
-                    grad_context, head_values[b].transpose(1, 2)
-                )
                 row_dot = (
                     grad_context * output[b, start:stop].transpose(0, 1)
                 ).sum(dim=-1, keepdim=True)
@@ -174,7 +207,9 @@ class _BlockedAttention(torch.autograd.Function):
                     grad_head_queries * mixing[:, None]
                 ).sum(dim=0)
                 grad_mixing += (grad_head_queries * rows[None]).sum(dim=1)
-        grad_value = grad_values.permute(0, 2, 1, 3)
+        grad_value = grad_values
+        if grad_values.dim() == 4:
+            grad_value = grad_values.permute(0, 2, 1, 3)
         return (
             grad_query,
             grad_key,

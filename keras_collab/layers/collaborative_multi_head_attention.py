@@ -19,6 +19,12 @@ from keras_collab.layers.weights import unshared_copy
 # Masked logits get this value. Large and finite, as in Keras MHA, so that a
 # fully masked row softmaxes to a uniform (finite) distribution.
 _MASK_VALUE_FLOAT32 = -1e9
+# Up to this many query rows (decoding steps, short prompts), attention with
+# shared values runs query-major on XLA: each head's matmuls then do fewer
+# than 2 * 16 FLOPs per element of K̃ and Ṽ they read, and reading them once
+# for all heads beats one read per head (the `decode` benchmark measured
+# 2.3x against 5.2x the original's tokens/s on TensorFlow, batch 32).
+_QUERY_MAJOR_MAX_ROWS = 16
 
 
 @dataclasses.dataclass
@@ -1213,30 +1219,34 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         return not (self._dropout > 0.0 and training)
 
     def _xla_attention(self, query, key, value, content_logits, mask):
-        """Attention in the layout XLA:CPU runs fastest, by value sharing.
+        """Attention in the layout XLA:CPU runs fastest.
 
-        Per-head values go one head at a time: every operand of each head's
-        two matmuls is contiguous with its batch axis first, where the
-        all-heads products would transpose the `(B, T, H, S)` probabilities
-        or the `(B, T, H, D̃)` head queries. Shared values go all heads at
-        once, query-major: every head reads the same `K̃` and `Ṽ`, which
-        one matmul of the `T * H` head queries reads once (H times one head
-        at a time, which costs decoding most), and with one value head no
-        transpose is needed. Measured by the `layer_speed`, `inference` and
-        `decode` benchmarks.
+        One head at a time, every operand of each head's two matmuls is
+        contiguous with its batch axis first, where the all-heads products
+        would transpose the `(B, T, H, S)` probabilities or the `(B, T, H,
+        D̃)` head queries. But each head then reads all of `K̃` (and of `Ṽ`
+        with shared values) for its few query rows: with shared values and
+        at most `_QUERY_MAJOR_MAX_ROWS` queries (decoding steps), one
+        query-major matmul of all heads' rows reads them once, and with one
+        value head it needs no transpose. Measured by the `layer_speed`,
+        `inference` and `decode` benchmarks.
         """
-        if self._shared_value_dim is None:
-            return self._head_by_head_attention(
+        rows = query.shape[1]
+        if (
+            self._shared_value_dim is not None
+            and rows is not None
+            and rows <= _QUERY_MAJOR_MAX_ROWS
+        ):
+            return self._query_major_attention(
                 query, key, value, content_logits, mask
             )
-        return self._query_major_attention(
+        return self._head_by_head_attention(
             query, key, value, content_logits, mask
         )
 
     def _head_by_head_attention(self, query, key, value, content_logits, mask):
         """What `_einsum_attention` computes without dropout and returned
-        scores (tested against it), one head at a time, for per-head
-        values.
+        scores (tested against it), one head at a time.
 
         Head h scores `(Q̃ ⊙ m_h) K̃ᵀ = Q̃ (K̃ ⊙ m_h)ᵀ`: the mixing scales
         the shorter of the query and key sequences.
@@ -1273,15 +1283,18 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             probabilities = self._masked_softmax_float32(
                 logits, head_mask, rank=3
             )
-            contexts.append(ops.matmul(probabilities, value[:, :, head]))
+            head_value = value
+            if self._shared_value_dim is None:
+                head_value = value[:, :, head]
+            contexts.append(ops.matmul(probabilities, head_value))
         return ops.stack(contexts, axis=2)
 
     def _query_major_attention(self, query, key, value, content_logits, mask):
         """What `_einsum_attention` computes without dropout and returned
-        scores (tested against it), for shared values: logits laid out `(B,
-        T, H, S)`, so that one matmul scores the `T * H` head queries of a
-        batch element against `K̃`, and one multiplies their probabilities
-        by `Ṽ`."""
+        scores (tested against it), for shared values and few queries:
+        logits laid out `(B, T, H, S)`, so that one matmul scores the `T *
+        H` head queries of a batch element against `K̃`, and one multiplies
+        their probabilities by `Ṽ`."""
         scale = self._inverse_sqrt_key_dim
         # The scale goes into the (H, D̃) mixing, the smallest operand.
         mixing = ops.multiply(
@@ -1321,13 +1334,6 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         from keras_collab.kernels import torch_blocked_attention
 
         scale = self._inverse_sqrt_key_dim
-        if self._shared_value_dim is not None:
-            # The kernel takes per-head values: a view of Ṽ for each head.
-            shape = ops.shape(value)
-            value = ops.broadcast_to(
-                ops.expand_dims(value, 2),
-                (shape[0], shape[1], self._num_heads, shape[2]),
-            )
         return torch_blocked_attention.blocked_collaborative_attention(
             ops.multiply(query, ops.cast(scale, query.dtype)),
             key,

@@ -24,17 +24,22 @@ def _normal(*shape):
 
 
 def _attention_from_equations(query, key, mixing, value, bias, mask):
-    """softmax((q ⊙ m_h) kᵀ + bias, masked) v_h, with PyTorch autograd."""
+    """softmax((q ⊙ m_h) kᵀ + bias, masked) v_h (or the shared v), with
+    PyTorch autograd."""
     logits = torch.einsum("btd,hd,bsd->bhts", query, mixing, key)
     if bias is not None:
         logits = logits + bias
     if mask is not None:
         logits = logits.masked_fill(~mask, -1e9)
     probabilities = torch.softmax(logits, dim=-1)
+    if value.dim() == 3:
+        return torch.einsum("bhts,bsd->bthd", probabilities, value)
     return torch.einsum("bhts,bshd->bthd", probabilities, value)
 
 
-def _kernel_inputs(batch=3, length=7, keys=9, heads=4, dim=6, value_dim=5):
+def _kernel_inputs(
+    batch=3, length=7, keys=9, heads=4, dim=6, value_dim=5, shared=False
+):
     generator = torch.Generator().manual_seed(0)
 
     def tensor(*shape):
@@ -48,7 +53,11 @@ def _kernel_inputs(batch=3, length=7, keys=9, heads=4, dim=6, value_dim=5):
         "query": tensor(batch, length, dim),
         "key": tensor(batch, keys, dim),
         "mixing": tensor(heads, dim),
-        "value": tensor(batch, keys, heads, value_dim),
+        "value": (
+            tensor(batch, keys, value_dim)
+            if shared
+            else tensor(batch, keys, heads, value_dim)
+        ),
         "bias": tensor(batch, heads, 1, keys),
         "mask": mask,
     }
@@ -61,12 +70,15 @@ def small_blocks(monkeypatch):
 
 
 class TestKernel:
+    @pytest.mark.parametrize(
+        "shared", [False, True], ids=["per_head", "shared"]
+    )
     @pytest.mark.parametrize("with_bias", [False, True])
     @pytest.mark.parametrize("with_mask", [False, True])
     def test_matches_equations_and_gradients(
-        self, with_bias, with_mask, small_blocks
+        self, with_bias, with_mask, shared, small_blocks
     ):
-        inputs = _kernel_inputs()
+        inputs = _kernel_inputs(shared=shared)
         if not with_bias:
             inputs["bias"] = None
         if not with_mask:
@@ -96,8 +108,11 @@ class TestKernel:
                 grad, expected_grad, rtol=1e-10, atol=1e-10, msg=name
             )
 
-    def test_gradcheck(self, small_blocks):
-        inputs = _kernel_inputs(batch=2, length=5, keys=9)
+    @pytest.mark.parametrize(
+        "shared", [False, True], ids=["per_head", "shared"]
+    )
+    def test_gradcheck(self, shared, small_blocks):
+        inputs = _kernel_inputs(batch=2, length=5, keys=9, shared=shared)
         mask = inputs.pop("mask")
 
         def attention(query, key, mixing, value, bias):
@@ -138,13 +153,14 @@ class TestKernel:
         assert not torch_blocked_attention.is_supported(np.zeros(2))
 
 
-def _layer(dropout=0.0):
+def _layer(dropout=0.0, **kwargs):
     layer = CollaborativeMultiHeadAttention(
         num_heads=4,
         key_dim=3,
         shared_key_dim=6,
         value_dim=5,
         dropout=dropout,
+        **kwargs,
         bias_initializer="random_normal",
         mixing_initializer="random_normal",
     )
@@ -174,10 +190,15 @@ class TestLayerPaths:
         ],
         ids=["no_mask", "causal", "mask", "broadcast_mask", "padding_causal"],
     )
+    @pytest.mark.parametrize(
+        "layer_kwargs",
+        [{}, {"shared_value_dim": 7}],
+        ids=["per_head_values", "shared_values"],
+    )
     def test_kernel_matches_einsum_path(
-        self, kwargs, small_blocks, monkeypatch
+        self, kwargs, layer_kwargs, small_blocks, monkeypatch
     ):
-        layer = _layer()
+        layer = _layer(**layer_kwargs)
         query, value = _normal(2, 7, 16), _normal(2, 9, 12)
         if kwargs.get("use_causal_mask"):
             value = _normal(2, 7, 12)

@@ -1239,9 +1239,9 @@ class TestBadInput:
 
 
 class TestXlaLayout:
-    """The XLA backends' paths (one head at a time with per-head values,
-    query-major with shared values) against the `(B, H, T, S)` einsum
-    path, on the inputs where both run."""
+    """The XLA backends' paths (one head at a time; query-major for shared
+    values and few queries) against the `(B, H, T, S)` einsum path, on the
+    inputs where both run."""
 
     @pytest.mark.parametrize(
         "case",
@@ -1252,6 +1252,7 @@ class TestXlaLayout:
             "causal",
             "shared_values",
             "shared_values_masked",
+            "shared_values_many_queries",
             "more_queries",
             "mixed_precision",
         ],
@@ -1260,6 +1261,7 @@ class TestXlaLayout:
         kwargs = {
             "shared_values": {"shared_value_dim": 5},
             "shared_values_masked": {"shared_value_dim": 5},
+            "shared_values_many_queries": {"shared_value_dim": 5},
             "mixed_precision": {"dtype": "mixed_bfloat16"},
         }.get(case, {})
         layer = _random_layer(**kwargs)
@@ -1274,6 +1276,9 @@ class TestXlaLayout:
         }.get(case, {})
         if case == "causal":
             value = _normal(2, 5, 12)
+        if case == "shared_values_many_queries":
+            # Past _QUERY_MAJOR_MAX_ROWS: one head at a time, shared values.
+            query, value = _normal(2, 20, 16), _normal(2, 7, 12)
         if case == "more_queries":
             # Fewer keys than queries: the mixing scales the keys.
             query, value = _normal(2, 7, 16), _normal(2, 4, 12)
@@ -1292,3 +1297,30 @@ class TestXlaLayout:
         assert layer._use_xla_layout(False, False) == (
             BACKEND in ("jax", "tensorflow")
         )
+
+    @pytest.mark.parametrize(
+        "rows, shared, expected",
+        [
+            (1, True, "_query_major_attention"),
+            (16, True, "_query_major_attention"),
+            (17, True, "_head_by_head_attention"),
+            (1, False, "_head_by_head_attention"),
+        ],
+    )
+    def test_layout_chosen_by_value_sharing_and_rows(
+        self, rows, shared, expected, monkeypatch
+    ):
+        if BACKEND not in ("jax", "tensorflow"):
+            pytest.skip("the XLA layouts run on JAX and TensorFlow")
+        layer = _random_layer(**({"shared_value_dim": 5} if shared else {}))
+        calls = []
+        for name in ("_query_major_attention", "_head_by_head_attention"):
+            original = getattr(layer, name)
+
+            def spy(*args, _name=name, _original=original):
+                calls.append(_name)
+                return _original(*args)
+
+            monkeypatch.setattr(layer, name, spy)
+        layer(_normal(2, rows, 16), _normal(2, 7, 12))
+        assert calls == [expected]
