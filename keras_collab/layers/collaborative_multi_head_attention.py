@@ -21,9 +21,8 @@ from keras_collab.layers.weights import unshared_copy
 _MASK_VALUE_FLOAT32 = -1e9
 # Up to this many query rows (decoding steps, short prompts), attention with
 # shared values runs query-major on XLA: each head's matmuls then do fewer
-# than 2 * 16 FLOPs per element of K̃ and Ṽ they read, and reading them once
-# for all heads beats one read per head (the `decode` benchmark measured
-# 2.3x against 5.2x the original's tokens/s on TensorFlow, batch 32).
+# than 2 * 16 FLOPs per element of K̃ and Ṽ they read, so reading them once
+# for all heads beats one read per head (the `decode` benchmark's results).
 _QUERY_MAJOR_MAX_ROWS = 16
 
 
