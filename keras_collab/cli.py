@@ -26,10 +26,8 @@ import contextlib
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
-import threading
 import time
 
 DEFAULT_SHARED_KEY_DIM = "0.5"
@@ -533,7 +531,6 @@ def convert(args):
     report["total_params_after"] = result.model.count_params()
     report["speed"] = None if latency is None else latency(result.model)
     report["speed_selection"] = selection
-    _raise_if_interrupted()
     with preset_files.atomic_directory(output, force=args.force) as staging:
         result.model.save_to_preset(staging)
         loaded.tokenizer.save_to_preset(staging)
@@ -948,45 +945,12 @@ def _fidelity_line(fidelity, output=None, domain=None):
 # The exit status of a program stopped by SIGINT (128 + 2), as shells report.
 INTERRUPTED = 130
 COMMANDS = {"convert": convert, "report": report, "export": export_preset}
-# Set by `_record_interrupt` when Ctrl-C arrives during a command.
-_interrupt_received = threading.Event()
-
-
-def _record_interrupt(signum, frame):
-    """SIGINT handler: raises `KeyboardInterrupt`, as Python's own does, and
-    remembers it. Native code of a backend may swallow the exception (a
-    Ctrl-C during compilation then let a conversion run to its end and
-    write its output); `_raise_if_interrupted` raises it again before
-    anything is written."""
-    _interrupt_received.set()
-    raise KeyboardInterrupt
-
-
-def _raise_if_interrupted():
-    if _interrupt_received.is_set():
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _recording_interrupts():
-    """Installs `_record_interrupt` for the duration (main thread only:
-    signal handlers cannot be set elsewhere)."""
-    _interrupt_received.clear()
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, _record_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
-        with _recording_interrupts():
-            result = COMMANDS[args.command](args)
+        result = COMMANDS[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         return _fail(str(error))
     except KeyboardInterrupt:
