@@ -1243,6 +1243,14 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             query, key, value, content_logits, mask
         )
 
+    def _scaled_mixing(self, dtype):
+        """The `(H, D̃)` mixing times the softmax scale: the scale goes into
+        the smallest operand."""
+        return ops.multiply(
+            ops.cast(self._mixing, dtype),
+            ops.cast(self._inverse_sqrt_key_dim, dtype),
+        )
+
     def _head_by_head_attention(self, query, key, value, content_logits, mask):
         """What `_einsum_attention` computes without dropout and returned
         scores (tested against it), one head at a time.
@@ -1251,17 +1259,12 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         the shorter of the query and key sequences.
         """
         scale = self._inverse_sqrt_key_dim
-        # The scale goes into the (H, D̃) mixing, the smallest operand.
-        mixing = ops.multiply(
-            ops.cast(self._mixing, query.dtype), ops.cast(scale, query.dtype)
-        )
+        mixing = self._scaled_mixing(query.dtype)
         mix_keys = key.shape[1] is not None and (
             query.shape[1] is None or key.shape[1] <= query.shape[1]
         )
-        if content_logits is not None:
-            content_logits = ops.multiply(
-                content_logits, ops.cast(scale, content_logits.dtype)
-            )
+        # (B, H, 1, S): head h's slice adds to its (B, T, S) logits.
+        bias = _scaled_content_logits(content_logits, scale)
         contexts = []
         for head in range(self._num_heads):
             if mix_keys:
@@ -1274,8 +1277,8 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
                     ops.multiply(query, mixing[head]),
                     ops.transpose(key, (0, 2, 1)),
                 )
-            if content_logits is not None:
-                logits = logits + ops.expand_dims(content_logits[..., head], 1)
+            if bias is not None:
+                logits = logits + bias[:, head]
             head_mask = None
             if mask is not None:
                 head_mask = mask[:, head if mask.shape[1] > 1 else 0]
@@ -1295,10 +1298,7 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         H` head queries of a batch element against `K̃`, and one multiplies
         their probabilities by `Ṽ`."""
         scale = self._inverse_sqrt_key_dim
-        # The scale goes into the (H, D̃) mixing, the smallest operand.
-        mixing = ops.multiply(
-            ops.cast(self._mixing, query.dtype), ops.cast(scale, query.dtype)
-        )
+        mixing = self._scaled_mixing(query.dtype)
         head_queries = ops.multiply(ops.expand_dims(query, 2), mixing)
         logits = ops.einsum("bthd,bsd->bths", head_queries, key)
         if content_logits is not None:
