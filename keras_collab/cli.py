@@ -41,6 +41,7 @@ DEFAULT_SPEED_CANDIDATES = "0.75,0.5,0.375,0.25,0.125"
 # 60 distillation steps (about 1 s each) did about as well as 60 refinement
 # steps, so distillation is off by default: --distill-steps turns it on.
 DEFAULT_SAMPLES = 256
+DEFAULT_VOCABULARY_TEXTS = 128
 DEFAULT_REFINE_STEPS = 80
 DEFAULT_DISTILL_STEPS = 0
 DEFAULT_DISTILL_LEARNING_RATE = 1e-4
@@ -247,7 +248,8 @@ def _add_convert_command(commands):
         "model into collaborative form and save it as a preset. Without "
         "SOURCE, converts the bundled all-MiniLM-L6-v2. By default it "
         "calibrates on the built-in corpus's calibration domains "
-        f"({', '.join(CALIBRATION_DOMAINS)}), refines, and "
+        f"({', '.join(CALIBRATION_DOMAINS)}) and on texts of random "
+        "vocabulary words, refines, and "
         "measures fidelity on its held-out domains "
         f"({', '.join(HELD_OUT_DOMAINS)}), which calibration never sees.",
     )
@@ -302,6 +304,14 @@ def _add_convert_command(commands):
         help="number of calibration texts (default "
         f"{DEFAULT_SAMPLES}, every calibration domain of the built-in "
         "corpus in turn)",
+    )
+    convert.add_argument(
+        "--vocabulary-texts",
+        type=int,
+        default=DEFAULT_VOCABULARY_TEXTS,
+        help="texts of random words from the model's vocabulary added to "
+        f"the calibration texts (default {DEFAULT_VOCABULARY_TEXTS}; 0: "
+        "none): they cover words the calibration texts lack",
     )
     convert.add_argument(
         "--target-error",
@@ -439,6 +449,8 @@ def _fail(message):
 def _validate(args):
     if args.samples < 1:
         raise ValueError("--samples must be at least 1.")
+    if args.vocabulary_texts < 0:
+        raise ValueError("--vocabulary-texts must be >= 0.")
     if args.refine_steps is not None and args.refine_steps < 0:
         raise ValueError("--refine-steps must be >= 0.")
     if args.distill_learning_rate <= 0:
@@ -510,6 +522,10 @@ def convert(args):
     if not args.no_calibration:
         calibration = text.encode(loaded.preprocessor, calibration_texts)
         text.check_nonempty(calibration)
+        vocabulary = text.vocabulary_texts(
+            loaded.tokenizer, args.vocabulary_texts
+        )
+        calibration += text.encode(loaded.preprocessor, vocabulary)
     held_out = _held_out_batches(loaded.preprocessor, calibration_texts)
     result = convert_model(
         loaded.backbone,
@@ -752,6 +768,7 @@ def _conversion_report(args, source, output, result, fidelity):
         else list(corpus.CALIBRATION_DOMAINS),
         "held_out_domains": list(corpus.HELD_OUT_DOMAINS),
         "samples": 0 if args.no_calibration else args.samples,
+        "vocabulary_texts": 0 if args.no_calibration else args.vocabulary_texts,
         "sequence_length": args.sequence_length,
         "refine_steps": args.refine_steps,
         "refine_objective": args.refine_objective

@@ -122,6 +122,17 @@ def test_full_rank_conversion_is_exact(tiny_preset, tmp_path, capsys):
             [
                 "convert",
                 "{preset}",
+                "--vocabulary-texts",
+                "-1",
+                "--output",
+                "{out}",
+            ],
+            "vocabulary-texts",
+        ),
+        (
+            [
+                "convert",
+                "{preset}",
                 "--distill-steps",
                 "-1",
                 "--output",
@@ -409,5 +420,42 @@ def test_real_minilm(tmp_path, capsys):
     assert code == 0, err
     report = json.loads(out)
     assert len(report["layers"]) == 6
+    assert report["vocabulary_texts"] == cli.DEFAULT_VOCABULARY_TEXTS
     assert report["qk_params_before"] == 6 * (2 * 384 * 384 + 2 * 384)
     assert report["fidelity"]["mean_cosine"] > 0.98
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("count", [0, 40])
+def test_vocabulary_texts_join_calibration(
+    tiny_preset, tmp_path, capsys, monkeypatch, count
+):
+    from keras_collab.conversion import model
+
+    seen = {}
+
+    def record(backbone, shared_key_dim, *, calibration_data, **kwargs):
+        seen["sequences"] = sum(len(b["token_ids"]) for b in calibration_data)
+        raise _Stop
+
+    monkeypatch.setattr(model, "convert_model", record)
+    with pytest.raises(_Stop):
+        _run(
+            capsys,
+            "convert",
+            tiny_preset,
+            "--shared-key-dim",
+            "8",
+            "--output",
+            str(tmp_path / "out"),
+            "--samples",
+            "24",
+            "--vocabulary-texts",
+            str(count),
+            "--no-speed",
+        )
+    assert seen["sequences"] == 24 + count
+    assert not os.path.exists(tmp_path / "out")

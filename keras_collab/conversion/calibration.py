@@ -322,6 +322,80 @@ def record_attention_inputs(layers):
         yield records
 
 
+@contextlib.contextmanager
+def compiled_input_recorder(model, layers):
+    """A function that runs `model` compiled and returns what `layers` saw.
+
+    It gives what `record_attention_inputs` records eagerly, but the model
+    runs in one compiled function (`compile_inference`), traced once per
+    batch shape and reused for as long as the context lasts. The model's
+    current variable values are passed in on every call, so a caller may
+    change weights between calls (layer-by-layer refinement records each
+    layer after the ones before it were refined). Every layer's inputs are
+    returned on every call, so that one trace serves them all.
+
+    Args:
+        model: The model to run, called with `training=False`.
+        layers: `{key: attention layer}` inside `model`; distinct layers.
+
+    Yields:
+        `record(batches)`: `{key: list of AttentionInputs}` over the
+        batches, in order.
+    """
+    if len({id(layer) for layer in layers.values()}) != len(layers):
+        raise ValueError("`layers` must map to distinct layer objects.")
+    traced = {key: [] for key in layers}
+
+    def keep(key, query, key_input, value, mask):
+        # On a trace, these are the tensors the compiled function returns.
+        traced[key].append(
+            {
+                "query": query,
+                "key": key_input,
+                "value": None if value is key_input else value,
+                "mask": mask,
+            }
+        )
+
+    def step(trainable, non_trainable, batch):
+        for calls in traced.values():
+            calls.clear()
+        model.stateless_call(trainable, non_trainable, batch, training=False)
+        return {key: list(calls) for key, calls in traced.items()}
+
+    compiled = compile_inference(step)
+
+    def record(batches):
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        records = {key: [] for key in layers}
+        for batch in as_batches(batches):
+            batch = keras.tree.map_structure(keras.ops.convert_to_tensor, batch)
+            outputs = compiled(trainable, non_trainable, batch)
+            for key, calls in outputs.items():
+                records[key] += [_as_inputs(call) for call in calls]
+        return records
+
+    with _patched_calls(layers, keep):
+        yield record
+
+
+def _as_inputs(call):
+    """`AttentionInputs` of NumPy arrays from one call's tensors."""
+
+    def numpy(x):
+        return None if x is None else keras.ops.convert_to_numpy(x)
+
+    key = numpy(call["key"])
+    mask = numpy(call["mask"])
+    return AttentionInputs(
+        query=numpy(call["query"]),
+        key=key,
+        mask=None if mask is None else mask.astype(bool),
+        value=key if call["value"] is None else numpy(call["value"]),
+    )
+
+
 def token_validity(query, key, mask):
     """Boolean (N, T) and (N, S) arrays marking real query and key tokens."""
     batch, queries, keys = query.shape[0], query.shape[1], key.shape[1]

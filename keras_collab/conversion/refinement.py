@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from keras_collab.conversion.calibration import as_batches
-from keras_collab.conversion.calibration import record_attention_inputs
+from keras_collab.conversion.calibration import compiled_input_recorder
 from keras_collab.conversion.progress import progress_bar
 from keras_collab.conversion.sites import get_site
 from keras_collab.conversion.training import InferenceModeModel
@@ -26,18 +26,14 @@ from keras_collab.layers.collaborative_multi_head_attention import (
 )
 
 
-def _recorded_inputs(model, layer, batches):
-    """Query, key, mask and value arrays the layer sees, padded to one
+def _padded_inputs(calls):
+    """Query, key, mask and value arrays of recorded calls, padded to one
     length.
 
     Padded positions are masked out, so they carry no signal: a padded
     query row is fully masked and has the same (uniform) attention in the
     teacher and the student.
     """
-    with record_attention_inputs({"layer": layer}) as records:
-        for batch in batches:
-            model(batch, training=False)
-    calls = records["layer"]
     queries = max(call.query.shape[1] for call in calls)
     keys = max(call.key.shape[1] for call in calls)
 
@@ -211,20 +207,27 @@ def refine_layers(
     """
     keras.utils.set_random_seed(seed)
     batches = as_batches(calibration_data)
+    students = {path: get_site(converted, path).layer for path in paths}
+    # A layer shared by several sites (ALBERT) is recorded once, under its
+    # first path, with the calls of every site.
+    first_path = {}
+    for path, layer in students.items():
+        first_path.setdefault(id(layer), path)
+    recorded = {path: students[path] for path in first_path.values()}
     results = {}
-    for path in progress_bar(paths, "Refining attention", progress):
-        teacher = get_site(original, path).layer
-        student = get_site(converted, path).layer
-        query, key, mask, value = _recorded_inputs(converted, student, batches)
-        results[path] = refine_layer(
-            teacher,
-            student,
-            query,
-            key,
-            mask,
-            value=value,
-            steps=steps,
-            learning_rate=learning_rate,
-            objective=objective,
-        )
+    with compiled_input_recorder(converted, recorded) as record:
+        for path in progress_bar(paths, "Refining attention", progress):
+            calls = record(batches)[first_path[id(students[path])]]
+            query, key, mask, value = _padded_inputs(calls)
+            results[path] = refine_layer(
+                get_site(original, path).layer,
+                students[path],
+                query,
+                key,
+                mask,
+                value=value,
+                steps=steps,
+                learning_rate=learning_rate,
+                objective=objective,
+            )
     return results

@@ -3,12 +3,15 @@
 The built-in corpus needs no download. `builtin_corpus` reads English
 sentences from the docstrings of Python's standard library at run time;
 `calibration_and_held_out` draws calibration and held-out texts from the
-several domains of `keras_collab.hub.corpus`. `encode` turns
+several domains of `keras_collab.hub.corpus`; `vocabulary_texts` adds texts
+of random words from a model's own vocabulary. `encode` turns
 texts into the backbone inputs of a KerasHub preprocessor, batched by
 length and trimmed to their longest text. An encoder-decoder reads each
 text as both its encoder text and its decoder text, so that the
 self-attention of both stacks and the cross-attention all see real text.
 """
+
+import re
 
 import keras
 import numpy as np
@@ -48,6 +51,62 @@ def calibration_texts(samples, calibration_file=None):
     if calibration_file:
         return read_texts(calibration_file)[:samples]
     return corpus.calibration_texts(samples)
+
+
+# Markers that byte-pair and SentencePiece vocabularies put on a token that
+# starts a word ("Ġword", "▁word").
+_WORD_START_MARKERS = ("Ġ", "▁")
+_PLAIN_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def vocabulary_words(tokenizer):
+    """The whole, plain words of a KerasHub tokenizer's vocabulary, sorted.
+
+    A word is two or more ASCII letters. When the vocabulary marks the
+    tokens that start a word (byte-pair and SentencePiece vocabularies),
+    only those count, without their marker; WordPiece continuations
+    (`"##ing"`) and special tokens are never words.
+    """
+    vocabulary = tokenizer.get_vocabulary()
+    marked = [t[1:] for t in vocabulary if t.startswith(_WORD_START_MARKERS)]
+    candidates = marked or vocabulary
+    words = sorted({w for w in candidates if _PLAIN_WORD.fullmatch(w)})
+    if not words:
+        raise ValueError(
+            "The tokenizer's vocabulary has no plain word (two or more "
+            "ASCII letters) to build vocabulary texts from."
+        )
+    return words
+
+
+def vocabulary_texts(tokenizer, count, seed=0, words_per_text=(8, 24)):
+    """`count` texts of words drawn uniformly from the tokenizer's
+    vocabulary (`vocabulary_words`), for calibration.
+
+    A corpus of a few hundred sentences uses a few thousand of the tens of
+    thousands of words a model knows, and an activation-aware conversion
+    fits the directions those words excite. Text of another domain brings
+    other words. Texts of random vocabulary words, beside the corpus, show
+    every layer inputs from words the corpus lacks.
+
+    Args:
+        tokenizer: A KerasHub tokenizer with `get_vocabulary()`.
+        count: How many texts; 0 gives none.
+        seed: Seed of the draw; the same seed gives the same texts.
+        words_per_text: `(low, high)`: each text has from `low` to
+            `high - 1` words, about the length of a corpus sentence.
+
+    Returns:
+        A list of `count` strings.
+    """
+    if count < 0:
+        raise ValueError(f"`count` must be >= 0. Received: {count}")
+    if count == 0:
+        return []
+    words = vocabulary_words(tokenizer)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(*words_per_text, size=count)
+    return [" ".join(rng.choice(words, size=n)) for n in lengths]
 
 
 def held_out_by_domain(total, exclude=()):

@@ -250,3 +250,57 @@ def test_raw_activations_give_the_same_statistics_as_second_moment():
     np.testing.assert_allclose(
         statistics.key_moment, second_moment(x, center_per_sequence=True)
     )
+
+
+def test_compiled_input_recorder_matches_eager_recording():
+    """The compiled recorder returns what the eager one records, and reads
+    the weights anew on every call (refinement changes them in between)."""
+    model = _bert()
+    sites = find_sites(model)
+    layers = {site.path: site.layer for site in sites}
+    batches = _bucketed(_mixed_length_batches())
+
+    def eager():
+        with calibration.record_attention_inputs(layers) as records:
+            for batch in batches:
+                model(batch, training=False)
+        return records
+
+    def assert_same(actual, expected):
+        assert sorted(actual) == sorted(expected)
+        for path in expected:
+            assert len(actual[path]) == len(expected[path]) == len(batches)
+            for got, want in zip(actual[path], expected[path]):
+                for field in ("query", "key", "value"):
+                    np.testing.assert_allclose(
+                        getattr(got, field),
+                        getattr(want, field),
+                        atol=1e-5,
+                        err_msg=f"{path} {field}",
+                    )
+                np.testing.assert_array_equal(got.mask, want.mask)
+
+    expected = eager()
+    with calibration.compiled_input_recorder(model, layers) as record:
+        first = record(batches)
+        # Change the first layer's weights: what the second layer sees moves.
+        dense = sites[0].layer.output_dense
+        dense.kernel.assign(dense.kernel * 2.0)
+        second = record(batches)
+    assert_same(first, expected)
+    assert_same(second, eager())
+    assert not np.allclose(
+        second[sites[1].path][0].query, first[sites[1].path][0].query
+    )
+    # The layers' calls are restored on exit.
+    assert all("call" not in vars(layer) for layer in layers.values())
+
+
+def test_compiled_input_recorder_refuses_a_layer_twice():
+    model = _bert()
+    layer = find_sites(model)[0].layer
+    with pytest.raises(ValueError, match="distinct"):
+        with calibration.compiled_input_recorder(
+            model, {"a": layer, "b": layer}
+        ):
+            pass

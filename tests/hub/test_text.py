@@ -53,3 +53,45 @@ def test_encode_seq2seq_trims_encoder_and_decoder(tiny_bart_preset):
         == batch["encoder_padding_mask"].sum(axis=1) + 1
     ).all()
     text.check_nonempty([batch])
+
+
+def test_vocabulary_words_of_wordpiece_are_whole_plain_words():
+    tokenizer = keras_hub.tokenizers.WordPieceTokenizer(
+        vocabulary=["[PAD]", "[UNK]", "[CLS]", "the", "##ing", "a", "cat"]
+        + ["x1", "über", "run"]
+    )
+    assert text.vocabulary_words(tokenizer) == ["cat", "run", "the"]
+
+
+class _MarkedVocabulary:
+    """A byte-pair-like vocabulary: word starts carry a marker."""
+
+    def __init__(self, vocabulary):
+        self.vocabulary = vocabulary
+
+    def get_vocabulary(self):
+        return self.vocabulary
+
+
+def test_vocabulary_words_of_marked_vocabularies_are_word_starts():
+    bpe = _MarkedVocabulary(["Ġthe", "ing", "Ġcat", "Ġ1", "<s>", "ĠÃ©"])
+    assert text.vocabulary_words(bpe) == ["cat", "the"]
+    sentencepiece = _MarkedVocabulary(["▁dog", "s", "▁a", "<unk>"])
+    assert text.vocabulary_words(sentencepiece) == ["dog"]
+    with pytest.raises(ValueError, match="no plain word"):
+        text.vocabulary_words(_MarkedVocabulary(["[PAD]", "##s", "1"]))
+
+
+def test_vocabulary_texts_are_seeded_draws_of_vocabulary_words():
+    words = ["cat", "dog", "run", "the"]
+    tokenizer = _MarkedVocabulary(words)
+    texts = text.vocabulary_texts(tokenizer, 50, seed=3)
+    assert texts == text.vocabulary_texts(tokenizer, 50, seed=3)
+    assert texts != text.vocabulary_texts(tokenizer, 50, seed=4)
+    lengths = [len(t.split()) for t in texts]
+    assert len(texts) == 50 and min(lengths) >= 8 and max(lengths) <= 23
+    used = {w for t in texts for w in t.split()}
+    assert used == set(words)  # 50 texts draw every one of 4 words
+    assert text.vocabulary_texts(tokenizer, 0) == []
+    with pytest.raises(ValueError, match="count"):
+        text.vocabulary_texts(tokenizer, -1)
