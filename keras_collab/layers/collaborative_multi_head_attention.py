@@ -24,6 +24,12 @@ _MASK_VALUE_FLOAT32 = -1e9
 # than 2 * 16 FLOPs per element of K̃ and Ṽ they read, so reading them once
 # for all heads beats one read per head (the `decode` benchmark's results).
 _QUERY_MAJOR_MAX_ROWS = 16
+# Up to this many query rows in all (batch times queries, e.g. one sequence
+# of 128 tokens), past `_QUERY_MAJOR_MAX_ROWS`, the all-heads einsums run
+# faster on XLA:CPU than one head at a time: the work is too small to
+# repay 12 heads' worth of separate operations (layer timings at MiniLM
+# shape, batch 1 and 4 against 32; the `inference` benchmark's batch 1).
+_EINSUM_MAX_QUERY_ROWS = 128
 
 
 @dataclasses.dataclass
@@ -1227,8 +1233,10 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
         with shared values) for its few query rows: with shared values and
         at most `_QUERY_MAJOR_MAX_ROWS` queries (decoding steps), one
         query-major matmul of all heads' rows reads them once, and with one
-        value head it needs no transpose. Measured by the `layer_speed`,
-        `inference` and `decode` benchmarks.
+        value head it needs no transpose. And where the batch holds few
+        query rows in all (`_EINSUM_MAX_QUERY_ROWS`) but more than a decoding
+        step, the all-heads einsums of `_einsum_attention` win. Measured by
+        the `layer_speed`, `inference` and `decode` benchmarks.
         """
         rows = query.shape[1]
         if (
@@ -1239,6 +1247,11 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             return self._query_major_attention(
                 query, key, value, content_logits, mask
             )
+        if _few_query_rows(query):
+            context, _ = self._einsum_attention(
+                query, key, value, content_logits, mask, False, False, False
+            )
+            return context
         return self._head_by_head_attention(
             query, key, value, content_logits, mask
         )
@@ -1648,6 +1661,18 @@ def _scaled_content_logits(content_logits, scale):
     return ops.multiply(
         ops.expand_dims(ops.transpose(content_logits, (0, 2, 1)), 2),
         ops.cast(scale, content_logits.dtype),
+    )
+
+
+def _few_query_rows(query):
+    """Whether `query` `(B, T, D̃)` holds more query rows than a decoding
+    step (`_QUERY_MAJOR_MAX_ROWS`) per sequence but at most
+    `_EINSUM_MAX_QUERY_ROWS` in all; `False` where a size is unknown."""
+    batch, rows = query.shape[0], query.shape[1]
+    if batch is None or rows is None:
+        return False
+    return (
+        _QUERY_MAJOR_MAX_ROWS < rows and batch * rows <= _EINSUM_MAX_QUERY_ROWS
     )
 
 

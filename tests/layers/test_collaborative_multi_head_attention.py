@@ -9,6 +9,7 @@ from keras.src import testing
 
 from keras_collab import CollaborativeMultiHeadAttention
 from keras_collab.layers import CollaborativeMultiHeadAttention as LayersExport
+from keras_collab.layers import collaborative_multi_head_attention as cmha
 from tests.conftest import BACKEND
 from tests.reference import causal_mask
 from tests.reference import layer_reference
@@ -1284,6 +1285,8 @@ class TestXlaLayout:
             query, value = _normal(2, 7, 16), _normal(2, 4, 12)
         expected_path = BACKEND in ("jax", "tensorflow")
         assert layer._use_xla_layout(False, False) == expected_path
+        # These small batches would otherwise take the einsums themselves.
+        monkeypatch.setattr(cmha, "_EINSUM_MAX_QUERY_ROWS", 0)
         xla_layout = _numpy(layer(query, value, **call_kwargs))
         monkeypatch.setattr(layer, "_use_xla_layout", lambda *args: False)
         einsum = _numpy(layer(query, value, **call_kwargs))
@@ -1303,8 +1306,12 @@ class TestXlaLayout:
         [
             (1, True, "_query_major_attention"),
             (16, True, "_query_major_attention"),
-            (17, True, "_head_by_head_attention"),
-            (1, False, "_head_by_head_attention"),
+            (17, True, "_einsum_attention"),  # 2 * 17 rows in all
+            (65, True, "_head_by_head_attention"),  # 2 * 65 > 128
+            (1, False, "_head_by_head_attention"),  # a decoding step
+            (16, False, "_head_by_head_attention"),
+            (64, False, "_einsum_attention"),  # 2 * 64 = 128
+            (65, False, "_head_by_head_attention"),
         ],
     )
     def test_layout_chosen_by_value_sharing_and_rows(
@@ -1312,9 +1319,15 @@ class TestXlaLayout:
     ):
         if BACKEND not in ("jax", "tensorflow"):
             pytest.skip("the XLA layouts run on JAX and TensorFlow")
+        assert cmha._EINSUM_MAX_QUERY_ROWS == 128
         layer = _random_layer(**({"shared_value_dim": 5} if shared else {}))
         calls = []
-        for name in ("_query_major_attention", "_head_by_head_attention"):
+        names = (
+            "_query_major_attention",
+            "_head_by_head_attention",
+            "_einsum_attention",
+        )
+        for name in names:
             original = getattr(layer, name)
 
             def spy(*args, _name=name, _original=original):
