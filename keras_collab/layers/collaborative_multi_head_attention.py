@@ -1249,7 +1249,14 @@ class CollaborativeMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         if _few_query_rows(query):
             context, _ = self._einsum_attention(
-                query, key, value, content_logits, mask, False, False, False
+                query,
+                key,
+                value,
+                content_logits,
+                mask,
+                training=False,
+                return_attention_scores=False,
+                zero_masked_rows=False,
             )
             return context
         return self._head_by_head_attention(
