@@ -1330,9 +1330,9 @@ class TestXlaLayout:
         for name in names:
             original = getattr(layer, name)
 
-            def spy(*args, _name=name, _original=original):
+            def spy(*args, _name=name, _original=original, **kwargs):
                 calls.append(_name)
-                return _original(*args)
+                return _original(*args, **kwargs)
 
             monkeypatch.setattr(layer, name, spy)
         layer(_normal(2, rows, 16), _normal(2, 7, 12))
