@@ -84,6 +84,7 @@ def load(
     held_out_count=None,
     batch_size=32,
     corpus="docstrings",
+    vocabulary_texts=0,
 ):
     """Loads MiniLM offline and encodes the calibration and held-out texts.
 
@@ -99,9 +100,14 @@ def load(
             calibration texts from its calibration domains in turn and
             `held_out_count` texts (128 when `None`) shared equally among
             its held-out domains, which calibration never sees.
+        vocabulary_texts: How many texts of random vocabulary words
+            (`keras_collab.hub.text.vocabulary_texts`, as the command line
+            adds them) follow the calibration texts.
     """
     if corpus == "domains":
-        return _load_domains(calibration_count, held_out_count, batch_size)
+        return _load_domains(
+            calibration_count, held_out_count, batch_size, vocabulary_texts
+        )
     if corpus != "docstrings":
         raise ValueError(
             f"corpus must be 'docstrings' or 'domains'. Received: {corpus}"
@@ -117,6 +123,8 @@ def load(
     calibration_texts = (
         corpus[CALIBRATION_TEXTS] + corpus[MORE_CALIBRATION_TEXTS]
     )[: calibration_count or 256]
+    corpus_texts = len(calibration_texts)
+    calibration_texts += vocabulary_texts_of(source, vocabulary_texts)
     held_out_texts = corpus[HELD_OUT_TEXTS][:held_out_count]
     calibration = encode(source.preprocessor, calibration_texts, batch_size)
     held_out = encode(source.preprocessor, held_out_texts, batch_size)
@@ -126,12 +134,13 @@ def load(
         held_out=held_out,
         sites=find_sites(source.backbone),
         texts={
-            "calibration": len(calibration_texts),
+            "calibration": corpus_texts,
             "held_out": len(held_out_texts),
             # builtin_corpus() depends on what other libraries patched (on
             # the torch backend it lacks the docstring of inspect.getfile),
             # so record which texts were used.
             "corpus_size": len(corpus),
+            "vocabulary_texts": vocabulary_texts,
             "calibration_md5": _md5(calibration_texts),
             "held_out_md5": _md5(held_out_texts),
         },
@@ -140,7 +149,14 @@ def load(
     )
 
 
-def _load_domains(calibration_count, held_out_count, batch_size):
+def vocabulary_texts_of(source, count):
+    """`count` vocabulary texts of the source's tokenizer."""
+    from keras_collab.hub.text import vocabulary_texts
+
+    return vocabulary_texts(source.tokenizer, count)
+
+
+def _load_domains(calibration_count, held_out_count, batch_size, vocabulary):
     """`load(corpus="domains")`."""
     from keras_collab.conversion import find_sites
     from keras_collab.hub import corpus
@@ -150,6 +166,8 @@ def _load_domains(calibration_count, held_out_count, batch_size):
     start = time.perf_counter()
     source = load_source(minilm_path(), SEQUENCE_LENGTH)
     calibration_texts = corpus.calibration_texts(calibration_count or 256)
+    corpus_texts = len(calibration_texts)
+    calibration_texts += vocabulary_texts_of(source, vocabulary)
     per_domain = (held_out_count or 128) // len(corpus.HELD_OUT_DOMAINS)
     by_domain = corpus.held_out_texts(per_domain)
     held_out_domains = {
@@ -163,10 +181,11 @@ def _load_domains(calibration_count, held_out_count, batch_size):
         held_out=[b for bs in held_out_domains.values() for b in bs],
         sites=find_sites(source.backbone),
         texts={
-            "calibration": len(calibration_texts),
+            "calibration": corpus_texts,
             "held_out": len(held_out_texts),
             "corpus": "domains",
             "calibration_domains": list(corpus.CALIBRATION_DOMAINS),
+            "vocabulary_texts": vocabulary,
             "held_out_domains": {d: len(t) for d, t in by_domain.items()},
             "calibration_md5": _md5(calibration_texts),
             "held_out_md5": _md5(held_out_texts),
@@ -207,6 +226,7 @@ def describe(workbench):
         "held_out_texts": (
             f"builtin_corpus()[256:{256 + workbench.texts['held_out']}]"
         ),
+        "vocabulary_texts": workbench.texts["vocabulary_texts"],
         "sequence_length": SEQUENCE_LENGTH,
         "corpus_size": workbench.texts["corpus_size"],
         "calibration_md5": workbench.texts["calibration_md5"],
@@ -229,6 +249,7 @@ def _describe_domains(workbench, layer):
             f"{count} {domain}"
             for domain, count in texts["held_out_domains"].items()
         ),
+        "vocabulary_texts": texts["vocabulary_texts"],
         "sequence_length": SEQUENCE_LENGTH,
         "calibration_md5": texts["calibration_md5"],
         "held_out_md5": texts["held_out_md5"],

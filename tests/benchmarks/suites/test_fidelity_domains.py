@@ -60,3 +60,24 @@ def test_report_has_a_row_per_held_out_domain(tmp_path):
     assert section.count("default >= 0.995: PASS") == 2
     assert section.count("full recipe >= 0.998: PASS") == 1
     assert section.count("full recipe >= 0.998: MISS") == 1
+
+
+def test_vocabulary_texts_follow_the_calibration_texts():
+    import pytest
+
+    pytest.importorskip("keras_hub")
+    from benchmarks.workloads import minilm
+    from keras_collab.hub import text
+
+    assert resolved_config(fidelity, [])["vocabulary_texts"] == 0
+    config = resolved_config(fidelity, ["--vocabulary-texts", "5"])
+    assert config["vocabulary_texts"] == 5
+    for corpus in ("domains", "docstrings"):
+        bench = minilm.load(8, 8, corpus=corpus, vocabulary_texts=5)
+        words = text.vocabulary_texts(bench.source.tokenizer, 5)
+        assert bench.calibration_texts[8:] == words
+        assert len(bench.calibration_texts) == 13
+        assert sum(len(b["token_ids"]) for b in bench.calibration) == 13
+        assert bench.texts["vocabulary_texts"] == 5
+        assert bench.texts["calibration"] == 8  # corpus texts only
+        assert minilm.describe(bench)["vocabulary_texts"] == 5
