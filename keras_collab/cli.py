@@ -308,10 +308,10 @@ def _add_convert_command(commands):
     convert.add_argument(
         "--vocabulary-texts",
         type=int,
-        default=DEFAULT_VOCABULARY_TEXTS,
         help="texts of random words from the model's vocabulary added to "
-        f"the calibration texts (default {DEFAULT_VOCABULARY_TEXTS}; 0: "
-        "none): they cover words the calibration texts lack",
+        "the calibration texts, to cover words they lack (default "
+        f"{DEFAULT_VOCABULARY_TEXTS}, or 0 where the vocabulary has no "
+        "plain word, as a character-level one; 0: none)",
     )
     convert.add_argument(
         "--target-error",
@@ -449,7 +449,7 @@ def _fail(message):
 def _validate(args):
     if args.samples < 1:
         raise ValueError("--samples must be at least 1.")
-    if args.vocabulary_texts < 0:
+    if args.vocabulary_texts is not None and args.vocabulary_texts < 0:
         raise ValueError("--vocabulary-texts must be >= 0.")
     if args.refine_steps is not None and args.refine_steps < 0:
         raise ValueError("--refine-steps must be >= 0.")
@@ -463,6 +463,8 @@ def _validate(args):
             raise ValueError(f"{flag} must lie in (0, 1).")
     if args.distill_steps is not None and args.distill_steps < 0:
         raise ValueError("--distill-steps must be >= 0.")
+    if args.vocabulary_texts and args.no_calibration:
+        raise ValueError("--vocabulary-texts needs calibration data.")
     if args.refine_steps and args.no_calibration:
         raise ValueError("--refine-steps needs calibration data.")
     if args.distill_steps and args.no_calibration:
@@ -522,9 +524,7 @@ def convert(args):
     if not args.no_calibration:
         calibration = text.encode(loaded.preprocessor, calibration_texts)
         text.check_nonempty(calibration)
-        vocabulary = text.vocabulary_texts(
-            loaded.tokenizer, args.vocabulary_texts
-        )
+        vocabulary = _vocabulary_texts(args, loaded.tokenizer)
         calibration += text.encode(loaded.preprocessor, vocabulary)
     held_out = _held_out_batches(loaded.preprocessor, calibration_texts)
     result = convert_model(
@@ -671,6 +671,19 @@ def _apply_default_training(args, backbone):
         args.distill_steps = DEFAULT_DISTILL_STEPS if train else 0
 
 
+def _vocabulary_texts(args, tokenizer):
+    """The vocabulary texts to calibrate on: `--vocabulary-texts` of them,
+    or by default `DEFAULT_VOCABULARY_TEXTS` where the vocabulary has plain
+    words and none where it has not (a character-level vocabulary); the
+    number goes back into `args` for the report."""
+    from keras_collab.hub import text
+
+    if args.vocabulary_texts is None:
+        has_words = bool(text.vocabulary_words(tokenizer))
+        args.vocabulary_texts = DEFAULT_VOCABULARY_TEXTS if has_words else 0
+    return text.vocabulary_texts(tokenizer, args.vocabulary_texts)
+
+
 def _held_out_batches(preprocessor, calibration_texts):
     """`{held-out domain: encoded batches}`, without calibration texts."""
     from keras_collab.hub import text
@@ -768,7 +781,7 @@ def _conversion_report(args, source, output, result, fidelity):
         else list(corpus.CALIBRATION_DOMAINS),
         "held_out_domains": list(corpus.HELD_OUT_DOMAINS),
         "samples": 0 if args.no_calibration else args.samples,
-        "vocabulary_texts": 0 if args.no_calibration else args.vocabulary_texts,
+        "vocabulary_texts": args.vocabulary_texts or 0,
         "sequence_length": args.sequence_length,
         "refine_steps": args.refine_steps,
         "refine_objective": args.refine_objective

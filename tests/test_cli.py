@@ -133,6 +133,18 @@ def test_full_rank_conversion_is_exact(tiny_preset, tmp_path, capsys):
             [
                 "convert",
                 "{preset}",
+                "--vocabulary-texts",
+                "8",
+                "--no-calibration",
+                "--output",
+                "{out}",
+            ],
+            "--vocabulary-texts needs calibration",
+        ),
+        (
+            [
+                "convert",
+                "{preset}",
                 "--distill-steps",
                 "-1",
                 "--output",

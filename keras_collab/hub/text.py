@@ -65,18 +65,13 @@ def vocabulary_words(tokenizer):
     A word is two or more ASCII letters. When the vocabulary marks the
     tokens that start a word (byte-pair and SentencePiece vocabularies),
     only those count, without their marker; WordPiece continuations
-    (`"##ing"`) and special tokens are never words.
+    (`"##ing"`) and special tokens are never words. A character-level
+    vocabulary has none.
     """
     vocabulary = tokenizer.get_vocabulary()
     marked = [t[1:] for t in vocabulary if t.startswith(_WORD_START_MARKERS)]
     candidates = marked or vocabulary
-    words = sorted({w for w in candidates if _PLAIN_WORD.fullmatch(w)})
-    if not words:
-        raise ValueError(
-            "The tokenizer's vocabulary has no plain word (two or more "
-            "ASCII letters) to build vocabulary texts from."
-        )
-    return words
+    return sorted({w for w in candidates if _PLAIN_WORD.fullmatch(w)})
 
 
 def vocabulary_texts(tokenizer, count, seed=0, words_per_text=(8, 24)):
@@ -98,12 +93,22 @@ def vocabulary_texts(tokenizer, count, seed=0, words_per_text=(8, 24)):
 
     Returns:
         A list of `count` strings.
+
+    Raises:
+        ValueError: if `count` is negative, or positive while the
+            vocabulary has no plain word.
     """
     if count < 0:
         raise ValueError(f"`count` must be >= 0. Received: {count}")
     if count == 0:
         return []
     words = vocabulary_words(tokenizer)
+    if not words:
+        raise ValueError(
+            "The tokenizer's vocabulary has no plain word (two or more "
+            "ASCII letters) to build vocabulary texts from; a "
+            "character-level vocabulary has none."
+        )
     rng = np.random.default_rng(seed)
     lengths = rng.integers(*words_per_text, size=count)
     return [" ".join(rng.choice(words, size=n)) for n in lengths]

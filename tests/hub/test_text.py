@@ -78,8 +78,11 @@ def test_vocabulary_words_of_marked_vocabularies_are_word_starts():
     assert text.vocabulary_words(bpe) == ["cat", "the"]
     sentencepiece = _MarkedVocabulary(["▁dog", "s", "▁a", "<unk>"])
     assert text.vocabulary_words(sentencepiece) == ["dog"]
+    characters = _MarkedVocabulary(["[PAD]", "##s", "1", "a", "b"])
+    assert text.vocabulary_words(characters) == []
+    assert text.vocabulary_texts(characters, 0) == []
     with pytest.raises(ValueError, match="no plain word"):
-        text.vocabulary_words(_MarkedVocabulary(["[PAD]", "##s", "1"]))
+        text.vocabulary_texts(characters, 3)
 
 
 def test_vocabulary_texts_are_seeded_draws_of_vocabulary_words():

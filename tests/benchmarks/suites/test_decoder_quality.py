@@ -162,6 +162,16 @@ def test_cli_converts_the_char_lm_preset(tmp_path, capsys):
     } <= set(report["fidelity"])
     assert [layer["shared_key_dim"] for layer in report["layers"]] == [8, 8]
     assert report["qk_params_after"] < report["qk_params_before"]
+    # A character vocabulary has no words: no vocabulary texts by default,
+    # and asking for them is refused.
+    assert report["vocabulary_texts"] == 0
+    refused = cli.main(
+        ["convert", source, "--output", str(tmp_path / "refused")]
+        + ["--samples", "16", "--vocabulary-texts", "4", "--no-speed"]
+    )
+    assert refused == 2
+    assert "no plain word" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
     converted = keras_hub.models.CausalLM.from_preset(str(output))
     assert type(converted).__name__ == "CollaborativeGPT2CausalLM"
