@@ -1674,9 +1674,11 @@ def _scaled_content_logits(content_logits, scale):
 def _few_query_rows(query):
     """Whether `query` `(B, T, D̃)` holds more query rows than a decoding
     step (`_QUERY_MAJOR_MAX_ROWS`) per sequence but at most
-    `_EINSUM_MAX_QUERY_ROWS` in all; `False` where a size is unknown."""
+    `_EINSUM_MAX_QUERY_ROWS` in all; `False` where a size is not a known
+    integer (`None`, or a symbolic dimension of a shape-polymorphic
+    export, which cannot be compared)."""
     batch, rows = query.shape[0], query.shape[1]
-    if batch is None or rows is None:
+    if not (isinstance(batch, int) and isinstance(rows, int)):
         return False
     return (
         _QUERY_MAJOR_MAX_ROWS < rows and batch * rows <= _EINSUM_MAX_QUERY_ROWS
