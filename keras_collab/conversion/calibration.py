@@ -103,23 +103,9 @@ def collect_statistics(model, sites, calibration_data):
     """
     layers = {site.path: site.layer for site in sites}
     totals = {}
-    with record_attention_sums(layers) as recorded:
-
-        def step(trainable, non_trainable, batch):
-            for calls in recorded.values():
-                calls.clear()
-            model.stateless_call(
-                trainable, non_trainable, batch, training=False
-            )
-            return {path: list(calls) for path, calls in recorded.items()}
-
-        compiled = compile_inference(step)
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
+    with _compiled_calls(model, layers, attention_sums) as run:
         for batch in as_batches(calibration_data):
-            batch = keras.tree.map_structure(keras.ops.convert_to_tensor, batch)
-            sums = compiled(trainable, non_trainable, batch)
-            _accumulate(totals, sums)
+            _accumulate(totals, run(batch))
     return _statistics_from_sums(totals)
 
 
@@ -267,26 +253,6 @@ def _patched_calls(layers, record):
 
 
 @contextlib.contextmanager
-def record_attention_sums(layers):
-    """Records `attention_sums` of each call of the attention layers, as
-    backend tensors, eagerly or while a function is traced.
-
-    Args:
-        layers: `{key: attention layer}`.
-
-    Yields:
-        `{key: list of attention_sums dicts}`, filled as the model runs.
-    """
-    records = {key: [] for key in layers}
-
-    def record(key, query, key_input, value, mask):
-        records[key].append(attention_sums(query, key_input, value, mask))
-
-    with _patched_calls(layers, record):
-        yield records
-
-
-@contextlib.contextmanager
 def record_attention_inputs(layers):
     """Records the inputs of attention layers while a model runs eagerly.
 
@@ -342,20 +308,52 @@ def compiled_input_recorder(model, layers):
         `record(batches)`: `{key: list of AttentionInputs}` over the
         batches, in order.
     """
+
+    def keep(query, key_input, value, mask):
+        # On a trace, these are the tensors the compiled function returns.
+        return {
+            "query": query,
+            "key": key_input,
+            "value": None if value is key_input else value,
+            "mask": mask,
+        }
+
+    with _compiled_calls(model, layers, keep) as run:
+
+        def record(batches):
+            records = {key: [] for key in layers}
+            for batch in as_batches(batches):
+                for key, calls in run(batch).items():
+                    records[key] += [_as_inputs(call) for call in calls]
+            return records
+
+        yield record
+
+
+@contextlib.contextmanager
+def _compiled_calls(model, layers, capture):
+    """Runs `model` in one compiled function that returns, for each call of
+    each of `layers`, `capture(query, key, value, mask)` of its inputs.
+
+    The function (`compile_inference`) is traced once per batch shape and
+    reused for as long as the context lasts. The model's current variable
+    values are passed in on every run, so weights may change between runs.
+
+    Args:
+        model: The model to run, called with `training=False`.
+        layers: `{key: attention layer}` inside `model`; distinct layers.
+        capture: Maps one call's inputs to a structure of tensors; it runs
+            inside the trace.
+
+    Yields:
+        `run(batch)`: `{key: list of what capture returned, one per call}`.
+    """
     if len({id(layer) for layer in layers.values()}) != len(layers):
         raise ValueError("`layers` must map to distinct layer objects.")
     traced = {key: [] for key in layers}
 
-    def keep(key, query, key_input, value, mask):
-        # On a trace, these are the tensors the compiled function returns.
-        traced[key].append(
-            {
-                "query": query,
-                "key": key_input,
-                "value": None if value is key_input else value,
-                "mask": mask,
-            }
-        )
+    def keep(key, *inputs):
+        traced[key].append(capture(*inputs))
 
     def step(trainable, non_trainable, batch):
         for calls in traced.values():
@@ -365,19 +363,14 @@ def compiled_input_recorder(model, layers):
 
     compiled = compile_inference(step)
 
-    def record(batches):
+    def run(batch):
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
-        records = {key: [] for key in layers}
-        for batch in as_batches(batches):
-            batch = keras.tree.map_structure(keras.ops.convert_to_tensor, batch)
-            outputs = compiled(trainable, non_trainable, batch)
-            for key, calls in outputs.items():
-                records[key] += [_as_inputs(call) for call in calls]
-        return records
+        batch = keras.tree.map_structure(keras.ops.convert_to_tensor, batch)
+        return compiled(trainable, non_trainable, batch)
 
     with _patched_calls(layers, keep):
-        yield record
+        yield run
 
 
 def _as_inputs(call):
