@@ -496,6 +496,7 @@ def _validate_speed(args):
 
 def convert(args):
     from keras_collab.conversion.model import convert_model
+    from keras_collab.hub import corpus
     from keras_collab.hub import preset_files
     from keras_collab.hub import sources
     from keras_collab.hub import text
@@ -526,7 +527,6 @@ def convert(args):
         text.check_nonempty(calibration)
         vocabulary = _vocabulary_texts(args, loaded.tokenizer)
         calibration += text.encode(loaded.preprocessor, vocabulary)
-    held_out = _held_out_batches(loaded.preprocessor, calibration_texts)
     result = convert_model(
         loaded.backbone,
         args.shared_key_dim,
@@ -540,8 +540,13 @@ def convert(args):
         distill_learning_rate=args.distill_learning_rate,
         progress=not args.json,
     )
-    measured = _fidelity_by_domain(loaded.backbone, result.model, held_out)
+    measured = _held_out_fidelity(
+        loaded.backbone, result.model, loaded.preprocessor, calibration_texts
+    )
     report = _conversion_report(args, source, output, result, measured)
+    report["calibration_fingerprint"] = (
+        None if args.no_calibration else corpus.fingerprint(calibration_texts)
+    )
     report["total_params_before"] = loaded.backbone.count_params()
     report.update(_backend_fields())
     report["total_params_after"] = result.model.count_params()
@@ -684,28 +689,32 @@ def _vocabulary_texts(args, tokenizer):
     return text.vocabulary_texts(tokenizer, args.vocabulary_texts)
 
 
-def _held_out_batches(preprocessor, calibration_texts):
-    """`{held-out domain: encoded batches}`, without calibration texts."""
+def _held_out_fidelity(original, converted, preprocessor, calibration_texts):
+    """Fidelity on the held-out texts (those of the held-out domains that
+    are not calibration texts) together, with each domain under
+    `"domains"`.
+
+    Each domain records the `fingerprint` of its texts: the
+    `package_metadata` texts are installed packages' READMEs, so they change
+    with the installed versions, and so do the figures measured on them.
+    """
+    from keras_collab.hub import corpus
     from keras_collab.hub import text
+    from keras_collab.hub.fidelity import fidelity
 
     by_domain = text.held_out_by_domain(HELD_OUT_TEXTS, calibration_texts)
-    return {
+    batches = {
         domain: text.encode(preprocessor, texts)
         for domain, texts in by_domain.items()
     }
-
-
-def _fidelity_by_domain(original, converted, held_out):
-    """Fidelity on all held-out texts together, with each held-out domain
-    under `"domains"` (`held_out`: `{domain: batches}`)."""
-    from keras_collab.hub.fidelity import fidelity
-
-    every = [batch for batches in held_out.values() for batch in batches]
+    every = [batch for domain in batches.values() for batch in domain]
     measured = fidelity(original, converted, every)
-    measured["domains"] = {
-        domain: fidelity(original, converted, batches)
-        for domain, batches in held_out.items()
-    }
+    measured["domains"] = {}
+    for domain, texts in by_domain.items():
+        measured["domains"][domain] = {
+            **fidelity(original, converted, batches[domain]),
+            "fingerprint": corpus.fingerprint(texts),
+        }
     return measured
 
 
@@ -829,9 +838,8 @@ def report(args):
     calibration_texts = text.calibration_texts(
         stored["samples"] or DEFAULT_SAMPLES, calibration_file
     )
-    held_out = _held_out_batches(preprocessor, calibration_texts)
-    stored["fidelity"] = _fidelity_by_domain(
-        original.backbone, converted, held_out
+    stored["fidelity"] = _held_out_fidelity(
+        original.backbone, converted, preprocessor, calibration_texts
     )
     stored["output"] = os.path.abspath(args.directory)
     # The stored report's backend is the conversion's; this is the run's.

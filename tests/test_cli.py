@@ -10,6 +10,7 @@ import pytest
 from keras_collab import cli
 from keras_collab.conversion.attention import is_collaborative
 from keras_collab.conversion.sites import find_attention_sites
+from keras_collab.hub import corpus
 from keras_collab.hub import preset_files
 from keras_collab.hub import sources
 from keras_collab.hub import text
@@ -68,9 +69,25 @@ def test_convert_tiny_preset_end_to_end(tiny_preset, tmp_path, capsys):
     # The report command recomputes fidelity against the source.
     code, out, err = _run(capsys, "report", output, "--json")
     assert code == 0, err
-    assert json.loads(out)["fidelity"]["mean_cosine"] == pytest.approx(
+    remeasured = json.loads(out)["fidelity"]
+    assert remeasured["mean_cosine"] == pytest.approx(
         report["fidelity"]["mean_cosine"], abs=1e-4
     )
+    # Which texts the figures are on: the held-out texts change with the
+    # installed packages' READMEs.
+    calibration_texts = text.calibration_texts(32)
+    assert report["calibration_fingerprint"] == corpus.fingerprint(
+        calibration_texts
+    )
+    held_out = text.held_out_by_domain(cli.HELD_OUT_TEXTS, calibration_texts)
+    for fidelity in (report["fidelity"], remeasured):
+        assert {
+            domain: measured["fingerprint"]
+            for domain, measured in fidelity["domains"].items()
+        } == {
+            domain: corpus.fingerprint(texts)
+            for domain, texts in held_out.items()
+        }
 
 
 def _convert_at_full_rank(capsys, preset, tmp_path):
