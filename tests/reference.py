@@ -249,3 +249,47 @@ def layer_reference(
         inputs = [np.asarray(t, np.float64) for t in inputs]
         return attention_over_axes(*inputs, layer.attention_axes, **kwargs)
     return collaborative_attention(*inputs, **kwargs)
+
+
+def per_head_products(query_kernels, key_kernels):
+    """The tensor a collaborative decomposition approximates: the slices
+    `A_h B_hᵀ` of the per-head query and key kernels, `(H, D_q, D_k)`."""
+    return np.einsum("hik,hjk->hij", query_kernels, key_kernels)
+
+
+def collaborative_products(query_kernel, key_kernel, mixing):
+    """The slices `U diag(M[h]) Vᵀ` of a collaborative layer,
+    `(H, D_q, D_k)`."""
+    return np.einsum("ir,hr,jr->hij", query_kernel, mixing, key_kernel)
+
+
+def psd_sqrt(matrix):
+    """The symmetric square root of a positive semi-definite matrix."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (
+        eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))
+    ) @ eigenvectors.T
+
+
+def decomposition_error(
+    query_kernels,
+    key_kernels,
+    query_kernel,
+    key_kernel,
+    mixing,
+    query_weight=None,
+    key_weight=None,
+):
+    """Relative Frobenius error of a collaborative decomposition, on the full
+    `(H, D_q, D_k)` tensor, weighted by `S_q^{1/2}` and `S_k^{1/2}` where
+    given: the brute-force form of what the solver computes without forming
+    the tensor."""
+    target = per_head_products(query_kernels, key_kernels)
+    residual = target - collaborative_products(query_kernel, key_kernel, mixing)
+    if query_weight is not None:
+        root = psd_sqrt(query_weight)
+        target, residual = root @ target, root @ residual
+    if key_weight is not None:
+        root = psd_sqrt(key_weight)
+        target, residual = target @ root, residual @ root
+    return np.linalg.norm(residual) / np.linalg.norm(target)

@@ -14,119 +14,28 @@ from keras_collab.decomposition import rank_for_target_error
 from keras_collab.decomposition import reference_parafac
 from keras_collab.decomposition import relative_error
 from keras_collab.decomposition import second_moment
-
-
-def _random_kernels(rng, num_heads=4, query_dim=24, key_dim=20, head_dim=8):
-    query_kernels = rng.standard_normal((num_heads, query_dim, head_dim))
-    key_kernels = rng.standard_normal((num_heads, key_dim, head_dim))
-    return query_kernels, key_kernels
-
-
-def _full_tensor(query_kernels, key_kernels):
-    """Slices `A_h B_h^T`, shape `(H, D_q, D_k)`."""
-    return np.einsum("hik,hjk->hij", query_kernels, key_kernels)
-
-
-def _reconstruction(query_kernel, key_kernel, mixing):
-    """Slices `U diag(M[h]) V^T`, shape `(H, D_q, D_k)`."""
-    return np.einsum("ir,hr,jr->hij", query_kernel, mixing, key_kernel)
-
-
-def _psd_sqrt(matrix):
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    return (
-        eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))
-    ) @ eigenvectors.T
-
-
-def _brute_force_error(
-    query_kernels,
-    key_kernels,
-    query_kernel,
-    key_kernel,
-    mixing,
-    query_weight=None,
-    key_weight=None,
-):
-    target = _full_tensor(query_kernels, key_kernels)
-    residual = target - _reconstruction(query_kernel, key_kernel, mixing)
-    if query_weight is not None:
-        root = _psd_sqrt(query_weight)
-        target, residual = root @ target, root @ residual
-    if key_weight is not None:
-        root = _psd_sqrt(key_weight)
-        target, residual = target @ root, residual @ root
-    return np.linalg.norm(residual) / np.linalg.norm(target)
-
-
-def _anisotropic_samples(rng, num_samples, dim, decay):
-    """Rows with a strongly decaying spectrum in a random orthonormal basis."""
-    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
-    scales = decay ** np.arange(dim)
-    return rng.standard_normal((num_samples, dim)) * scales @ basis.T
+from tests.fixtures.factors import anisotropic_samples
+from tests.fixtures.factors import random_kernels
+from tests.fixtures.factors import small_kernels
+from tests.fixtures.factors import weighted_setup
+from tests.reference import collaborative_products
+from tests.reference import decomposition_error
+from tests.reference import per_head_products
 
 
 def _rank(result):
     return result.mixing.shape[1]
 
 
-# ---------------------------------------------------------------------------
-# Error computation
-# ---------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------
-# Solutions
-# ---------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------
-# Activation-aware weighting
-# ---------------------------------------------------------------------------
-
-
-def _weighted_setup():
-    rng = np.random.default_rng(11)
-    query_kernels, key_kernels = _random_kernels(rng)
-    query_samples = _anisotropic_samples(rng, 300, 24, 0.75)
-    key_samples = _anisotropic_samples(rng, 250, 20, 0.7)
-    return query_kernels, key_kernels, query_samples, key_samples
-
-
-# ---------------------------------------------------------------------------
-# second_moment
-# ---------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------
-# rank_for_target_error
-# ---------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------
-# reference_parafac
-# ---------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------
-
-
-def _valid_arguments():
-    rng = np.random.default_rng(20)
-    return _random_kernels(rng, num_heads=3, query_dim=6, key_dim=5, head_dim=2)
-
-
 def test_relative_error_matches_brute_force_for_arbitrary_factors():
     rng = np.random.default_rng(0)
-    query_kernels, key_kernels = _random_kernels(rng)
+    query_kernels, key_kernels = random_kernels(rng)
     factors = (
         rng.standard_normal((24, 7)),
         rng.standard_normal((20, 7)),
         rng.standard_normal((4, 7)),
     )
-    expected = _brute_force_error(query_kernels, key_kernels, *factors)
+    expected = decomposition_error(query_kernels, key_kernels, *factors)
     actual = relative_error(query_kernels, key_kernels, *factors)
     assert isinstance(actual, float)
     np.testing.assert_allclose(actual, expected, rtol=1e-10)
@@ -135,13 +44,13 @@ def test_relative_error_matches_brute_force_for_arbitrary_factors():
 @pytest.mark.parametrize("rank", [1, 5, 17, 31])
 def test_solver_error_matches_brute_force(rank):
     rng = np.random.default_rng(1)
-    query_kernels, key_kernels = _random_kernels(rng)
+    query_kernels, key_kernels = random_kernels(rng)
     result = collaborative_cp(query_kernels, key_kernels, rank, max_iter=60)
     assert isinstance(result, CPResult)
     assert result.query_kernel.shape == (24, rank)
     assert result.key_kernel.shape == (20, rank)
     assert result.mixing.shape == (4, rank)
-    expected = _brute_force_error(
+    expected = decomposition_error(
         query_kernels,
         key_kernels,
         result.query_kernel,
@@ -161,7 +70,7 @@ def test_relative_error_stays_accurate_near_an_exact_fit():
     query_kernels = np.stack([query_kernel * row for row in mixing])
     key_kernels = np.stack([key_kernel] * 5)
     perturbed_mixing = mixing * (1 + 1e-10 * rng.standard_normal(mixing.shape))
-    expected = _brute_force_error(
+    expected = decomposition_error(
         query_kernels, key_kernels, query_kernel, key_kernel, perturbed_mixing
     )
     actual = relative_error(
@@ -173,7 +82,7 @@ def test_relative_error_stays_accurate_near_an_exact_fit():
 
 def test_full_rank_returns_exact_concatenation():
     rng = np.random.default_rng(3)
-    query_kernels, key_kernels = _random_kernels(rng, num_heads=3, head_dim=5)
+    query_kernels, key_kernels = random_kernels(rng, num_heads=3, head_dim=5)
     result = collaborative_cp(query_kernels, key_kernels, 15)
 
     np.testing.assert_array_equal(
@@ -190,8 +99,10 @@ def test_full_rank_returns_exact_concatenation():
     assert result.iterations == 0
     assert result.converged
     np.testing.assert_allclose(
-        _reconstruction(result.query_kernel, result.key_kernel, result.mixing),
-        _full_tensor(query_kernels, key_kernels),
+        collaborative_products(
+            result.query_kernel, result.key_kernel, result.mixing
+        ),
+        per_head_products(query_kernels, key_kernels),
         rtol=1e-12,
         atol=1e-12,
     )
@@ -199,8 +110,8 @@ def test_full_rank_returns_exact_concatenation():
 
 def test_full_rank_is_exact_in_the_weighted_metric_too():
     rng = np.random.default_rng(4)
-    query_kernels, key_kernels = _random_kernels(rng, num_heads=2, head_dim=4)
-    query_samples = _anisotropic_samples(rng, 200, 24, 0.8)
+    query_kernels, key_kernels = random_kernels(rng, num_heads=2, head_dim=4)
+    query_samples = anisotropic_samples(rng, 200, 24, 0.8)
     result = collaborative_cp(
         query_kernels,
         key_kernels,
@@ -225,7 +136,7 @@ def test_exact_low_rank_structure_is_recovered():
 
     assert result.relative_error < 1e-6
     assert result.converged
-    brute_force = _brute_force_error(
+    brute_force = decomposition_error(
         query_kernels,
         key_kernels,
         result.query_kernel,
@@ -237,7 +148,7 @@ def test_exact_low_rank_structure_is_recovered():
 
 def test_error_does_not_grow_with_rank():
     rng = np.random.default_rng(6)
-    query_kernels, key_kernels = _random_kernels(rng)  # Full rank 32.
+    query_kernels, key_kernels = random_kernels(rng)  # Full rank 32.
     errors = [
         collaborative_cp(
             query_kernels, key_kernels, rank, max_iter=100
@@ -253,7 +164,7 @@ def test_error_does_not_grow_with_rank():
 
 def test_factors_are_balanced():
     rng = np.random.default_rng(7)
-    query_kernels, key_kernels = _random_kernels(rng)
+    query_kernels, key_kernels = random_kernels(rng)
     result = collaborative_cp(query_kernels, key_kernels, 10, max_iter=30)
     np.testing.assert_allclose(np.max(result.mixing, axis=0), 1.0, rtol=1e-12)
     np.testing.assert_allclose(
@@ -268,7 +179,7 @@ def test_factors_are_balanced():
 
 def test_max_iter_zero_returns_the_initialisation():
     rng = np.random.default_rng(8)
-    query_kernels, key_kernels = _random_kernels(rng)
+    query_kernels, key_kernels = random_kernels(rng)
     result = collaborative_cp(query_kernels, key_kernels, 6, max_iter=0)
     assert result.iterations == 0
     assert not result.converged
@@ -279,7 +190,7 @@ def test_max_iter_zero_returns_the_initialisation():
 
 def test_deterministic():
     rng = np.random.default_rng(9)
-    query_kernels, key_kernels = _random_kernels(rng)
+    query_kernels, key_kernels = random_kernels(rng)
     first = collaborative_cp(query_kernels, key_kernels, 12, max_iter=40)
     second = collaborative_cp(query_kernels, key_kernels, 12, max_iter=40)
     for field in ("query_kernel", "key_kernel", "mixing"):
@@ -299,7 +210,7 @@ def test_deterministic():
 def test_seed_only_matters_for_random_fill_beyond_the_dimension():
     rng = np.random.default_rng(10)
     # D_q = 6 < R = 10 <= H d_k = 20: four query columns are random.
-    query_kernels, key_kernels = _random_kernels(
+    query_kernels, key_kernels = random_kernels(
         rng, num_heads=4, query_dim=6, key_dim=7, head_dim=5
     )
     results = [
@@ -309,7 +220,7 @@ def test_seed_only_matters_for_random_fill_beyond_the_dimension():
     np.testing.assert_array_equal(results[0].mixing, results[1].mixing)
     assert not np.array_equal(results[0].mixing, results[2].mixing)
     for result in results:
-        expected = _brute_force_error(
+        expected = decomposition_error(
             query_kernels,
             key_kernels,
             result.query_kernel,
@@ -321,7 +232,7 @@ def test_seed_only_matters_for_random_fill_beyond_the_dimension():
 
 
 def test_weighted_solution_wins_in_its_own_metric():
-    query_kernels, key_kernels, query_samples, key_samples = _weighted_setup()
+    query_kernels, key_kernels, query_samples, key_samples = weighted_setup()
     weights = {
         "query_weight": second_moment(query_samples),
         "key_weight": second_moment(key_samples),
@@ -347,7 +258,7 @@ def test_weighted_solution_wins_in_its_own_metric():
     )
     np.testing.assert_allclose(
         weighted.relative_error,
-        _brute_force_error(
+        decomposition_error(
             query_kernels,
             key_kernels,
             weighted.query_kernel,
@@ -360,7 +271,7 @@ def test_weighted_solution_wins_in_its_own_metric():
 
 
 def test_weighted_error_is_the_logits_error_on_the_samples():
-    query_kernels, key_kernels, query_samples, key_samples = _weighted_setup()
+    query_kernels, key_kernels, query_samples, key_samples = weighted_setup()
     result = collaborative_cp(
         query_kernels,
         key_kernels,
@@ -371,13 +282,15 @@ def test_weighted_error_is_the_logits_error_on_the_samples():
     true_logits = np.einsum(
         "nd,hde,me->hnm",
         query_samples,
-        _full_tensor(query_kernels, key_kernels),
+        per_head_products(query_kernels, key_kernels),
         key_samples,
     )
     approximate_logits = np.einsum(
         "nd,hde,me->hnm",
         query_samples,
-        _reconstruction(result.query_kernel, result.key_kernel, result.mixing),
+        collaborative_products(
+            result.query_kernel, result.key_kernel, result.mixing
+        ),
         key_samples,
     )
     logits_error = np.linalg.norm(
@@ -388,7 +301,7 @@ def test_weighted_error_is_the_logits_error_on_the_samples():
 
 def test_rank_for_target_error_default_candidates():
     rng = np.random.default_rng(15)
-    query_kernels, key_kernels = _random_kernels(rng)  # d_k = 8, full rank 32.
+    query_kernels, key_kernels = random_kernels(rng)  # d_k = 8, full rank 32.
     target = 0.5
     result = rank_for_target_error(
         query_kernels, key_kernels, target, max_iter=100
@@ -405,7 +318,7 @@ def test_rank_for_target_error_default_candidates():
 
 def test_rank_for_target_error_custom_candidates():
     rng = np.random.default_rng(16)
-    query_kernels, key_kernels = _random_kernels(rng)
+    query_kernels, key_kernels = random_kernels(rng)
     candidates = [20, 3, 12, 6, 12]
     result = rank_for_target_error(
         query_kernels, key_kernels, 0.4, candidates=candidates, max_iter=100
@@ -422,7 +335,7 @@ def test_rank_for_target_error_custom_candidates():
 
 def test_rank_for_target_error_falls_back_to_full_rank():
     rng = np.random.default_rng(17)
-    query_kernels, key_kernels = _random_kernels(rng, num_heads=2, head_dim=3)
+    query_kernels, key_kernels = random_kernels(rng, num_heads=2, head_dim=3)
     result = rank_for_target_error(
         query_kernels, key_kernels, 1e-9, candidates=[1, 2], max_iter=50
     )
@@ -431,7 +344,7 @@ def test_rank_for_target_error_falls_back_to_full_rank():
 
 
 def test_rank_for_target_error_with_weights():
-    query_kernels, key_kernels, query_samples, key_samples = _weighted_setup()
+    query_kernels, key_kernels, query_samples, key_samples = weighted_setup()
     weights = {
         "query_weight": second_moment(query_samples),
         "key_weight": second_moment(key_samples),
@@ -447,7 +360,7 @@ def test_rank_for_target_error_with_weights():
 
 @pytest.mark.parametrize("rank", [0, -1, 7, 2.0, True])
 def test_rejects_bad_rank(rank):
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match="rank"):
         collaborative_cp(query_kernels, key_kernels, rank)
     with pytest.raises(ValueError, match="rank"):
@@ -455,13 +368,13 @@ def test_rejects_bad_rank(rank):
 
 
 def test_rejects_mismatched_head_counts():
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match="number of heads"):
         collaborative_cp(query_kernels, key_kernels[:2], 2)
 
 
 def test_rejects_mismatched_key_dims():
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match="d_k"):
         collaborative_cp(
             query_kernels, np.concatenate([key_kernels] * 2, axis=2), 2
@@ -470,14 +383,14 @@ def test_rejects_mismatched_key_dims():
 
 @pytest.mark.parametrize("argument", ["query_kernels", "key_kernels"])
 def test_rejects_wrong_ndim(argument):
-    kernels = dict(zip(("query_kernels", "key_kernels"), _valid_arguments()))
+    kernels = dict(zip(("query_kernels", "key_kernels"), small_kernels()))
     kernels[argument] = kernels[argument][0]
     with pytest.raises(ValueError, match=argument):
         collaborative_cp(kernels["query_kernels"], kernels["key_kernels"], 2)
 
 
 def test_rejects_non_finite_kernels():
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     query_kernels[0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="query_kernels"):
         collaborative_cp(query_kernels, key_kernels, 2)
@@ -495,7 +408,7 @@ def test_rejects_non_finite_kernels():
     ],
 )
 def test_rejects_bad_weights(name, weight, match):
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match=f"{name}.*{match}"):
         collaborative_cp(query_kernels, key_kernels, 2, **{name: weight})
     with pytest.raises(ValueError, match=name):
@@ -504,14 +417,14 @@ def test_rejects_bad_weights(name, weight, match):
 
 @pytest.mark.parametrize("target_error", [0.0, 1.0, -0.1, 1.5, "0.5"])
 def test_rejects_target_error_outside_unit_interval(target_error):
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match="target_error"):
         rank_for_target_error(query_kernels, key_kernels, target_error)
 
 
 @pytest.mark.parametrize("candidates", [[0, 2], [2, 7], [2.5]])
 def test_rejects_bad_candidates(candidates):
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match="candidates"):
         rank_for_target_error(
             query_kernels, key_kernels, 0.5, candidates=candidates
@@ -522,19 +435,19 @@ def test_rejects_bad_candidates(candidates):
     "keyword, value", [("tol", -1.0), ("max_iter", -1), ("max_iter", 1.5)]
 )
 def test_rejects_bad_solver_settings(keyword, value):
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match=keyword):
         collaborative_cp(query_kernels, key_kernels, 2, **{keyword: value})
 
 
 def test_rejects_all_zero_tensor():
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match="zero"):
         collaborative_cp(np.zeros_like(query_kernels), key_kernels, 2)
 
 
 def test_relative_error_rejects_mismatched_factors():
-    query_kernels, key_kernels = _valid_arguments()
+    query_kernels, key_kernels = small_kernels()
     with pytest.raises(ValueError, match="query_kernel"):
         relative_error(
             query_kernels,
