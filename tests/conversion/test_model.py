@@ -12,6 +12,10 @@ from keras_collab.conversion import convert_model
 from keras_collab.conversion import find_sites
 from keras_collab.conversion.attention import is_collaborative
 from keras_collab.conversion.sites import find_attention_sites
+from tests.fixtures.backbones import SMALL
+from tests.fixtures.backbones import flat_outputs
+from tests.fixtures.backbones import randomize_biases
+from tests.fixtures.backbones import small_backbones
 
 keras_hub = pytest.importorskip("keras_hub")
 RNG = np.random.default_rng(3)
@@ -21,121 +25,12 @@ def _numpy(x):
     return ops.convert_to_numpy(x)
 
 
-def _mha(num_heads=3, key_dim=4, width=12):
-    mha = keras.layers.MultiHeadAttention(
-        num_heads=num_heads, key_dim=key_dim, bias_initializer="random_normal"
-    )
-    x = RNG.normal(size=(2, 5, width)).astype("float32")
-    mha(x, x)
-    return mha
-
-
-def _outputs(layer, x):
-    return _numpy(layer(x, x, return_attention_scores=True)[0])
-
-
-def _text_inputs(batch=2, length=8, vocabulary=40, segments=True):
-    token_ids = RNG.integers(1, vocabulary, size=(batch, length))
-    padding_mask = np.ones((batch, length), dtype=bool)
-    padding_mask[1, length // 2 :] = False
-    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
-    if segments:
-        inputs["segment_ids"] = np.zeros((batch, length), dtype="int32")
-    return inputs
-
-
-SMALL = dict(num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16)
-
-
-def _backbones():
-    text = dict(vocabulary_size=40, max_sequence_length=16, **SMALL)
-    cases = {
-        "bert": (keras_hub.models.BertBackbone(**text), _text_inputs()),
-        "roberta": (
-            keras_hub.models.RobertaBackbone(**text),
-            _text_inputs(segments=False),
-        ),
-        "xlm_roberta": (
-            keras_hub.models.XLMRobertaBackbone(**text),
-            _text_inputs(segments=False),
-        ),
-        "distil_bert": (
-            keras_hub.models.DistilBertBackbone(**text),
-            _text_inputs(segments=False),
-        ),
-        "albert": (
-            keras_hub.models.AlbertBackbone(
-                vocabulary_size=40,
-                num_layers=4,
-                num_heads=2,
-                embedding_dim=8,
-                hidden_dim=8,
-                intermediate_dim=16,
-                num_groups=1,
-                num_inner_repetitions=1,
-                max_sequence_length=16,
-            ),
-            _text_inputs(),
-        ),
-        "electra": (
-            keras_hub.models.ElectraBackbone(
-                vocab_size=40, embedding_dim=8, max_sequence_length=16, **SMALL
-            ),
-            _text_inputs(),
-        ),
-        "gpt2": (
-            keras_hub.models.GPT2Backbone(**text),
-            _text_inputs(segments=False),
-        ),
-        "opt": (
-            keras_hub.models.OPTBackbone(**text),
-            _text_inputs(segments=False),
-        ),
-        "bart": (
-            keras_hub.models.BartBackbone(**text),
-            {
-                "encoder_token_ids": RNG.integers(1, 40, size=(2, 7)),
-                "encoder_padding_mask": np.ones((2, 7), dtype=bool),
-                "decoder_token_ids": RNG.integers(1, 40, size=(2, 5)),
-                "decoder_padding_mask": np.ones((2, 5), dtype=bool),
-            },
-        ),
-    }
-    if hasattr(keras_hub.models, "ViTBackbone"):
-        cases["vit"] = (
-            keras_hub.models.ViTBackbone(
-                image_shape=(8, 8, 3),
-                patch_size=4,
-                num_layers=2,
-                num_heads=2,
-                hidden_dim=8,
-                mlp_dim=16,
-            ),
-            RNG.normal(size=(2, 8, 8, 3)).astype("float32"),
-        )
-    return cases
-
-
-def _flat_outputs(model, inputs):
-    outputs = model(inputs)
-    if isinstance(outputs, dict):
-        return {k: _numpy(v) for k, v in outputs.items()}
-    return {"output": _numpy(outputs)}
-
-
-def _randomize_biases(model):
-    # Fresh backbones have zero biases; make the query/key biases matter.
-    for variable in model.weights:
-        if variable.path.endswith("bias"):
-            variable.assign(RNG.normal(size=variable.shape) * 0.5)
-
-
 @pytest.mark.parametrize("shared_values", [False, True])
-@pytest.mark.parametrize("architecture", list(_backbones()))
+@pytest.mark.parametrize("architecture", list(small_backbones()))
 def test_full_rank_is_exact_for_every_architecture(architecture, shared_values):
-    backbone, inputs = _backbones()[architecture]
-    _randomize_biases(backbone)
-    expected = _flat_outputs(backbone, inputs)
+    backbone, inputs = small_backbones()[architecture]
+    randomize_biases(backbone)
+    expected = flat_outputs(backbone, inputs)
     sites = find_sites(backbone)
     before = [_numpy(w).copy() for w in backbone.weights]
     # Full-size shared values (D̃_v = H·d_v) are exact too.
@@ -154,7 +49,7 @@ def test_full_rank_is_exact_for_every_architecture(architecture, shared_values):
         assert len(sites) == 6  # encoder self, decoder self and cross
     converted_sites = find_sites(result.model)
     assert converted_sites == []  # nothing left unconverted
-    actual = _flat_outputs(result.model, inputs)
+    actual = flat_outputs(result.model, inputs)
     for key, value in expected.items():
         np.testing.assert_allclose(actual[key], value, atol=1e-5, rtol=1e-5)
     for old, new in zip(before, backbone.weights):
@@ -162,16 +57,16 @@ def test_full_rank_is_exact_for_every_architecture(architecture, shared_values):
 
 
 def test_reduced_rank_backbone_preset_round_trip(tmp_path):
-    backbone, inputs = _backbones()["bert"]
+    backbone, inputs = small_backbones()["bert"]
     result = convert_model(backbone, shared_key_dim=4, calibration_data=inputs)
     for conversion in result.layers.values():
         assert conversion.shared_key_dim == 4
         assert 0 < conversion.relative_error < 1
-    expected = _flat_outputs(result.model, inputs)
+    expected = flat_outputs(result.model, inputs)
     result.model.save_to_preset(str(tmp_path))
     restored = keras_hub.models.Backbone.from_preset(str(tmp_path))
     assert type(restored) is type(result.model)
-    actual = _flat_outputs(restored, inputs)
+    actual = flat_outputs(restored, inputs)
     for key in expected:
         np.testing.assert_allclose(actual[key], expected[key], atol=1e-6)
     layer = find_attention_sites(restored, is_collaborative)[0].layer
@@ -179,17 +74,17 @@ def test_reduced_rank_backbone_preset_round_trip(tmp_path):
 
 
 def test_activation_aware_beats_plain_on_its_data():
-    backbone, inputs = _backbones()["bert"]
+    backbone, inputs = small_backbones()["bert"]
     # Anisotropic inputs: scale a few embedding features up.
     embeddings = backbone.get_layer("token_embedding").embeddings
     scale = np.ones(8, dtype="float32")
     scale[:2] = 8.0
     embeddings.assign(_numpy(embeddings) * scale)
-    reference = _flat_outputs(backbone, inputs)["sequence_output"]
+    reference = flat_outputs(backbone, inputs)["sequence_output"]
 
     def error(**kwargs):
         model = convert_model(backbone, shared_key_dim=3, **kwargs).model
-        output = _flat_outputs(model, inputs)["sequence_output"]
+        output = flat_outputs(model, inputs)["sequence_output"]
         return np.abs(output - reference).mean()
 
     assert error(calibration_data=inputs) < error()
@@ -231,7 +126,7 @@ def test_causal_lm_generate_unchanged_at_full_rank(tmp_path):
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=len(tokens), max_sequence_length=16, **SMALL
     )
-    _randomize_biases(backbone)
+    randomize_biases(backbone)
     causal_lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor)
     expected = causal_lm.generate("ab a", max_length=8)
     result = convert_model(causal_lm)
@@ -251,8 +146,8 @@ def test_keras_collab_exports():
 
 @pytest.mark.parametrize("objective", ["attention", "output"])
 def test_refinement_fits_the_original_attention(objective):
-    backbone, inputs = _backbones()["bert"]
-    _randomize_biases(backbone)
+    backbone, inputs = small_backbones()["bert"]
+    randomize_biases(backbone)
     # KerasHub's small initial weights give near-uniform attention and tiny
     # outputs; use unit-scale kernels so that there is something to fit.
     for site in find_sites(backbone):
@@ -264,7 +159,7 @@ def test_refinement_fits_the_original_attention(objective):
             (layer.output_dense, 0.35),
         ):
             dense.kernel.assign(RNG.normal(size=dense.kernel.shape) * std)
-    reference = _flat_outputs(backbone, inputs)["sequence_output"]
+    reference = flat_outputs(backbone, inputs)["sequence_output"]
     plain = convert_model(backbone, shared_key_dim=2, calibration_data=inputs)
     refined = convert_model(
         backbone,
@@ -279,14 +174,14 @@ def test_refinement_fits_the_original_attention(objective):
         assert losses["loss_after"] < losses["loss_before"]
 
     def error(result):
-        output = _flat_outputs(result.model, inputs)["sequence_output"]
+        output = flat_outputs(result.model, inputs)["sequence_output"]
         return np.abs(output - reference).mean()
 
     assert error(refined) < error(plain)
 
 
 def test_refinement_needs_calibration():
-    backbone, _ = _backbones()["bert"]
+    backbone, _ = small_backbones()["bert"]
     with pytest.raises(ValueError, match="calibration_data"):
         convert_model(backbone, shared_key_dim=2, refine_steps=5)
 
@@ -294,11 +189,11 @@ def test_refinement_needs_calibration():
 def test_training_the_converted_model_leaves_the_source_intact():
     # On JAX, fit() donates weight buffers: the converted model must not
     # share any with the source.
-    backbone, inputs = _backbones()["bert"]
-    expected = _flat_outputs(backbone, inputs)["sequence_output"]
+    backbone, inputs = small_backbones()["bert"]
+    expected = flat_outputs(backbone, inputs)["sequence_output"]
     converted = convert_model(backbone, shared_key_dim=4).model
     model = keras.Model(converted.input, converted.output["sequence_output"])
     model.compile(optimizer="sgd", loss="mse")
     model.fit(inputs, np.zeros_like(expected), epochs=1, verbose=0)
-    actual = _flat_outputs(backbone, inputs)["sequence_output"]
+    actual = flat_outputs(backbone, inputs)["sequence_output"]
     np.testing.assert_array_equal(actual, expected)
