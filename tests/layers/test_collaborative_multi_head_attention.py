@@ -921,6 +921,86 @@ class TestWeights:
             assert not np.allclose(old, _numpy(variable)), variable.path
 
 
+def _toy_classifier(jit_compile="auto", **attention_kwargs):
+    """A compiled token classifier around one collaborative layer (the
+    model's layer 2): 2 heads of 8, D̃ = 4 unless `attention_kwargs` say
+    otherwise."""
+    inputs = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(20, 16, mask_zero=True)(inputs)
+    x = CollaborativeMultiHeadAttention(
+        **{"num_heads": 2, "key_dim": 8, "shared_key_dim": 4, "dropout": 0.1}
+        | attention_kwargs
+    )(x, x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    outputs = keras.layers.Dense(2)(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def _toy_data():
+    """Tokens and labels `_toy_classifier` can learn."""
+    # Its own generator: the data must not depend on the tests before.
+    tokens = np.random.default_rng(0).integers(1, 20, size=(64, 6))
+    labels = (tokens[:, 0] > 10).astype("int32")
+    return tokens, labels
+
+
+def _assert_config_round_trip(layer):
+    """A layer built from `layer`'s config has the same config and, with its
+    weights, computes the same."""
+    config = layer.get_config()
+    clone = CollaborativeMultiHeadAttention.from_config(config)
+    assert clone.get_config() == config
+    clone.build((None, None, 16), (None, None, 12))
+    clone.set_weights(layer.get_weights())
+    query, value = _normal(2, 5, 16), _normal(2, 7, 12)
+    np.testing.assert_allclose(
+        _numpy(clone(query, value)), _numpy(layer(query, value)), atol=1e-6
+    )
+
+
+def _assert_mixed_precision_matches(layer32, policy):
+    """A copy of the float32 `layer32` under the mixed `policy` computes in
+    the policy's dtype, finite everywhere and close to `layer32` wherever a
+    query has keys, with and without scores."""
+    query, value = _normal(2, 5, 16), _normal(2, 7, 12)
+    mask = RNG.random((2, 5, 7)) > 0.3
+    mask[0, 1] = False  # a fully masked row must stay finite
+    expected, _ = layer32(
+        query, value, attention_mask=mask, return_attention_scores=True
+    )
+    layer = CollaborativeMultiHeadAttention.from_config(
+        {**layer32.get_config(), "dtype": policy}
+    )
+    layer.build((None, None, 16), (None, None, 12))
+    layer.set_weights(layer32.get_weights())
+    for with_scores in (False, True):
+        result = layer(
+            query,
+            value,
+            attention_mask=mask,
+            return_attention_scores=with_scores,
+        )
+        output = result[0] if with_scores else result
+        assert keras.backend.standardize_dtype(output.dtype) == policy[6:]
+        output = _numpy(ops.cast(output, "float32"))
+        assert np.all(np.isfinite(output))
+        # A fully masked row has no meaningful value, only a finite one;
+        # elsewhere bfloat16 keeps 8 bits of mantissa.
+        attended = mask.any(axis=-1)
+        np.testing.assert_allclose(
+            output[attended],
+            _numpy(expected)[attended],
+            atol=0.1,
+            rtol=0.05,
+        )
+
+
 class TestKerasIntegration:
     def test_run_layer_test(self):
         testing.TestCase().run_layer_test(
@@ -936,31 +1016,9 @@ class TestKerasIntegration:
             run_training_check=False,
         )
 
-    def _classifier(self, shared_key_dim=4, jit_compile="auto"):
-        inputs = keras.Input((6,), dtype="int32")
-        x = keras.layers.Embedding(20, 16, mask_zero=True)(inputs)
-        x = CollaborativeMultiHeadAttention(
-            num_heads=2, key_dim=8, shared_key_dim=shared_key_dim, dropout=0.1
-        )(x, x)
-        x = keras.layers.GlobalAveragePooling1D()(x)
-        outputs = keras.layers.Dense(2)(x)
-        model = keras.Model(inputs, outputs)
-        model.compile(
-            optimizer=keras.optimizers.Adam(1e-2),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=jit_compile,
-        )
-        return model
-
-    def _toy_data(self):
-        # Its own generator: the data must not depend on the tests before.
-        tokens = np.random.default_rng(0).integers(1, 20, size=(64, 6))
-        labels = (tokens[:, 0] > 10).astype("int32")
-        return tokens, labels
-
     def test_fit_lowers_the_loss(self):
-        model = self._classifier()
-        tokens, labels = self._toy_data()
+        model = _toy_classifier()
+        tokens, labels = _toy_data()
         history = model.fit(tokens, labels, epochs=8, batch_size=16, verbose=0)
         losses = history.history["loss"]
         assert losses[-1] < 0.7 * losses[0]
@@ -968,8 +1026,8 @@ class TestKerasIntegration:
     def test_fit_with_jit_compile(self):
         if BACKEND == "torch" and os.environ.get("KERAS_COLLAB_FAST_TESTS"):
             pytest.skip("torch.compile is slow on CPU")
-        model = self._classifier(jit_compile=True)
-        tokens, labels = self._toy_data()
+        model = _toy_classifier(jit_compile=True)
+        tokens, labels = _toy_data()
         history = model.fit(tokens, labels, epochs=3, batch_size=32, verbose=0)
         assert np.isfinite(history.history["loss"][-1])
 
@@ -995,20 +1053,12 @@ class TestKerasIntegration:
 
     def test_config_round_trip(self):
         layer = _random_layer(dropout=0.2, value_dim=5, output_shape=(9,))
-        config = layer.get_config()
-        assert config["shared_key_dim"] == 6
-        clone = CollaborativeMultiHeadAttention.from_config(config)
-        assert clone.get_config() == config
-        clone.build((None, None, 16), (None, None, 12))
-        clone.set_weights(layer.get_weights())
-        query, value = _normal(2, 5, 16), _normal(2, 7, 12)
-        np.testing.assert_allclose(
-            _numpy(clone(query, value)), _numpy(layer(query, value)), atol=1e-6
-        )
+        assert layer.get_config()["shared_key_dim"] == 6
+        _assert_config_round_trip(layer)
 
     def test_keras_file_round_trip(self, tmp_path):
-        model = self._classifier()
-        tokens, _ = self._toy_data()
+        model = _toy_classifier()
+        tokens, _ = _toy_data()
         expected = _numpy(model(tokens))
         path = tmp_path / "model.keras"
         model.save(path)
@@ -1022,42 +1072,11 @@ class TestKerasIntegration:
 
     @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
     def test_mixed_precision(self, policy):
-        layer32 = _random_layer()
-        query, value = _normal(2, 5, 16), _normal(2, 7, 12)
-        mask = RNG.random((2, 5, 7)) > 0.3
-        mask[0, 1] = False  # a fully masked row must stay finite
-        expected, _ = layer32(
-            query, value, attention_mask=mask, return_attention_scores=True
-        )
-        layer = CollaborativeMultiHeadAttention.from_config(
-            {**layer32.get_config(), "dtype": policy}
-        )
-        layer.build((None, None, 16), (None, None, 12))
-        layer.set_weights(layer32.get_weights())
-        for with_scores in (False, True):
-            result = layer(
-                query,
-                value,
-                attention_mask=mask,
-                return_attention_scores=with_scores,
-            )
-            output = result[0] if with_scores else result
-            assert keras.backend.standardize_dtype(output.dtype) == policy[6:]
-            output = _numpy(ops.cast(output, "float32"))
-            assert np.all(np.isfinite(output))
-            # A fully masked row has no meaningful value, only a finite one;
-            # elsewhere bfloat16 keeps 8 bits of mantissa.
-            attended = mask.any(axis=-1)
-            np.testing.assert_allclose(
-                output[attended],
-                _numpy(expected)[attended],
-                atol=0.1,
-                rtol=0.05,
-            )
+        _assert_mixed_precision_matches(_random_layer(), policy)
 
     def test_int8_quantization(self):
-        model = self._classifier()
-        tokens, _ = self._toy_data()
+        model = _toy_classifier()
+        tokens, _ = _toy_data()
         expected = _numpy(model(tokens))
         model.quantize("int8")
         layer = model.layers[2]
@@ -1066,13 +1085,13 @@ class TestKerasIntegration:
         np.testing.assert_allclose(_numpy(model(tokens)), expected, atol=0.05)
 
     def test_lora_on_projections(self):
-        model = self._classifier()
+        model = _toy_classifier()
         layer = model.layers[2]
         layer.query_dense.enable_lora(2)
         layer.value_dense.enable_lora(2)
         lora_weights = [w for w in model.trainable_weights if "lora" in w.path]
         assert len(lora_weights) == 4
-        tokens, labels = self._toy_data()
+        tokens, labels = _toy_data()
         before = [_numpy(w).copy() for w in lora_weights]
         model.fit(tokens, labels, epochs=1, verbose=0)
         assert any(

@@ -19,7 +19,13 @@ from tests.layers.test_collaborative_multi_head_attention import (
     _assert_all_close,
 )
 from tests.layers.test_collaborative_multi_head_attention import (
+    _assert_config_round_trip,
+)
+from tests.layers.test_collaborative_multi_head_attention import (
     _assert_matches_reference,
+)
+from tests.layers.test_collaborative_multi_head_attention import (
+    _assert_mixed_precision_matches,
 )
 from tests.layers.test_collaborative_multi_head_attention import _call_modes
 from tests.layers.test_collaborative_multi_head_attention import _keras_masked
@@ -27,6 +33,8 @@ from tests.layers.test_collaborative_multi_head_attention import _over_scores
 from tests.layers.test_collaborative_multi_head_attention import _random_layer
 from tests.layers.test_collaborative_multi_head_attention import _random_mha
 from tests.layers.test_collaborative_multi_head_attention import _recording_twin
+from tests.layers.test_collaborative_multi_head_attention import _toy_classifier
+from tests.layers.test_collaborative_multi_head_attention import _toy_data
 from tests.reference import causal_mask
 from tests.reference import layer_reference
 from tests.reference import position_mask
@@ -688,37 +696,11 @@ class TestKerasIntegration:
             run_training_check=False,
         )
 
-    def _classifier(self, jit_compile="auto", **kwargs):
-        inputs = keras.Input((6,), dtype="int32")
-        x = keras.layers.Embedding(20, 16, mask_zero=True)(inputs)
-        x = CollaborativeMultiHeadAttention(
-            num_heads=2,
-            key_dim=8,
-            shared_key_dim=4,
-            shared_value_dim=6,
-            dropout=0.1,
-            **kwargs,
-        )(x, x)
-        x = keras.layers.GlobalAveragePooling1D()(x)
-        outputs = keras.layers.Dense(2)(x)
-        model = keras.Model(inputs, outputs)
-        model.compile(
-            optimizer=keras.optimizers.Adam(1e-2),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=jit_compile,
-        )
-        return model
-
-    def _toy_data(self):
-        tokens = np.random.default_rng(0).integers(1, 20, size=(64, 6))
-        labels = (tokens[:, 0] > 10).astype("int32")
-        return tokens, labels
-
     def test_fit_lowers_the_loss_and_trains_every_weight(self):
-        model = self._classifier(use_gate=True)
+        model = _toy_classifier(shared_value_dim=6, use_gate=True)
         layer = model.layers[2]
         before = [_numpy(w).copy() for w in layer.trainable_weights]
-        tokens, labels = self._toy_data()
+        tokens, labels = _toy_data()
         history = model.fit(tokens, labels, epochs=8, batch_size=16, verbose=0)
         losses = history.history["loss"]
         assert losses[-1] < 0.7 * losses[0]
@@ -729,27 +711,19 @@ class TestKerasIntegration:
     def test_fit_with_jit_compile(self):
         if BACKEND == "torch" and os.environ.get("KERAS_COLLAB_FAST_TESTS"):
             pytest.skip("torch.compile is slow on CPU")
-        model = self._classifier(jit_compile=True)
-        tokens, labels = self._toy_data()
+        model = _toy_classifier(shared_value_dim=6, jit_compile=True)
+        tokens, labels = _toy_data()
         history = model.fit(tokens, labels, epochs=2, batch_size=32, verbose=0)
         assert np.isfinite(history.history["loss"][-1])
 
     def test_config_round_trip(self):
         layer = _shared_layer(7, dropout=0.2, value_dim=5, output_shape=(9,))
-        config = layer.get_config()
-        assert config["shared_value_dim"] == 7
-        clone = CollaborativeMultiHeadAttention.from_config(config)
-        assert clone.get_config() == config
-        clone.build((None, None, 16), (None, None, 12))
-        clone.set_weights(layer.get_weights())
-        query, value = _normal(2, 5, 16), _normal(2, 7, 12)
-        np.testing.assert_allclose(
-            _numpy(clone(query, value)), _numpy(layer(query, value)), atol=1e-6
-        )
+        assert layer.get_config()["shared_value_dim"] == 7
+        _assert_config_round_trip(layer)
 
     def test_keras_file_round_trip(self, tmp_path):
-        model = self._classifier(use_gate=True)
-        tokens, _ = self._toy_data()
+        model = _toy_classifier(shared_value_dim=6, use_gate=True)
+        tokens, _ = _toy_data()
         expected = _numpy(model(tokens))
         path = tmp_path / "model.keras"
         model.save(path)
@@ -790,39 +764,11 @@ class TestKerasIntegration:
         # D̃_v = D̃ = 6 takes the fused path on JAX (and, forced, PyTorch).
         monkeypatch.setattr(FUSED_PREFERENCE, lambda tensor: True)
         layer32 = _shared_layer(shared_value_dim, use_gate=True)
-        query, value = _normal(2, 5, 16), _normal(2, 7, 12)
-        mask = RNG.random((2, 5, 7)) > 0.3
-        mask[0, 1] = False  # a fully masked row must stay finite
-        expected, _ = layer32(
-            query, value, attention_mask=mask, return_attention_scores=True
-        )
-        layer = CollaborativeMultiHeadAttention.from_config(
-            {**layer32.get_config(), "dtype": policy}
-        )
-        layer.build((None, None, 16), (None, None, 12))
-        layer.set_weights(layer32.get_weights())
-        for with_scores in (False, True):
-            result = layer(
-                query,
-                value,
-                attention_mask=mask,
-                return_attention_scores=with_scores,
-            )
-            output = result[0] if with_scores else result
-            assert keras.backend.standardize_dtype(output.dtype) == policy[6:]
-            output = _numpy(ops.cast(output, "float32"))
-            assert np.all(np.isfinite(output))
-            attended = mask.any(axis=-1)
-            np.testing.assert_allclose(
-                output[attended],
-                _numpy(expected)[attended],
-                atol=0.1,
-                rtol=0.05,
-            )
+        _assert_mixed_precision_matches(layer32, policy)
 
     def test_int8_quantization(self):
-        model = self._classifier(use_gate=True)
-        tokens, _ = self._toy_data()
+        model = _toy_classifier(shared_value_dim=6, use_gate=True)
+        tokens, _ = _toy_data()
         expected = _numpy(model(tokens))
         model.quantize("int8")
         layer = model.layers[2]
@@ -840,13 +786,13 @@ class TestKerasIntegration:
         np.testing.assert_allclose(_numpy(model(tokens)), expected, atol=0.05)
 
     def test_lora_on_value_and_output_projections(self):
-        model = self._classifier()
+        model = _toy_classifier(shared_value_dim=6)
         layer = model.layers[2]
         layer.value_dense.enable_lora(2)
         layer.output_dense.enable_lora(2)
         lora_weights = [w for w in model.trainable_weights if "lora" in w.path]
         assert len(lora_weights) == 4
-        tokens, labels = self._toy_data()
+        tokens, labels = _toy_data()
         before = [_numpy(w).copy() for w in lora_weights]
         model.fit(tokens, labels, epochs=1, verbose=0)
         assert all(
